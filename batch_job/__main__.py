@@ -1,0 +1,45 @@
+"""``python -m batch_job RUN_ID [--item INDEX]``: the only place that sets the job's exit code.
+
+Exit codes (the job definition's retry strategy relies on them): 0 done, including items that
+ended USER_ERROR; 75 retryable (Batch tries again); 3 permanent (Batch gives up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from batch_job.pipeline import EXIT_PERMANENT, EXIT_RETRYABLE, JobContext, run_job
+from slidebridge.errors import NotFoundError, RetryableError
+from slidebridge.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m batch_job", description="Process a slidebridge run.")
+    parser.add_argument("run_id")
+    parser.add_argument(
+        "--item", type=int, default=None, help="item index (default: AWS_BATCH_JOB_ARRAY_INDEX, else all)"
+    )
+    parser.add_argument("--attempt", type=int, default=None, help="attempt number (default: AWS_BATCH_JOB_ATTEMPT)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s run=" + args.run_id + " %(message)s",
+        stream=sys.stderr,
+    )
+    index = args.item if args.item is not None else settings.batch_array_index
+    ctx = JobContext.from_settings(settings, attempt=args.attempt)
+    try:
+        return run_job(ctx, args.run_id, index)
+    except NotFoundError as exc:
+        logging.getLogger("batch_job").error("%s", exc)
+        return EXIT_PERMANENT
+    except RetryableError as exc:
+        logging.getLogger("batch_job").warning("transient failure outside an item: %s", exc)
+        return EXIT_RETRYABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

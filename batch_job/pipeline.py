@@ -1,0 +1,225 @@
+"""One item: fetch → open → tissue → tiles → classify → artifacts → deliver.
+
+The job reads everything but the run id (and item index) from the table and re-validates it with
+the same pydantic models the API used. Errors decide the item's fate (slidebridge/errors.py):
+UserInputError → USER_ERROR; RetryableError → handed back for another attempt (exit 75), or
+SYSTEM_ERROR on the last one; anything else → SYSTEM_ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch_job.analyze import analyze_slide
+from batch_job.classifiers import get_classifier
+from batch_job.fetch import download
+from batch_job.render import write_artifacts
+from batch_job.slide import open_slide, prepare_slide
+from slidebridge.artifacts import ArtifactStore
+from slidebridge.errors import IllegalTransitionError, RetryableError, UserInputError
+from slidebridge.outbound import OutboundPolicy
+from slidebridge.runs import Item, ItemState, ItemTerminationReason, OutputArtifact, Run, RunState
+from slidebridge.settings import Settings
+from slidebridge.store import RunStore
+
+logger = logging.getLogger(__name__)
+
+EXIT_DONE = 0
+EXIT_PERMANENT = 3
+EXIT_RETRYABLE = 75
+
+
+@dataclass
+class JobContext:
+    settings: Settings
+    store: RunStore
+    artifacts: ArtifactStore
+    policy: OutboundPolicy
+    attempt: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, attempt: int | None = None) -> JobContext:
+        return cls(
+            settings=settings,
+            store=RunStore(settings.table_name),
+            artifacts=ArtifactStore(settings.bucket_name, prefix=settings.artifacts_prefix),
+            policy=OutboundPolicy.from_settings(settings),
+            attempt=attempt if attempt is not None else settings.batch_job_attempt,
+        )
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.attempt >= self.settings.batch_max_attempts
+
+
+class StageTimer:
+    """Seconds per stage, logged at the end of an item (where the time goes, per slide)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stage: str | None = None
+        self._start = 0.0
+
+    def start(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self._stage is not None:
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._start
+        self._stage, self._start = stage, now
+
+    def stop(self) -> dict[str, float]:
+        self.start("_")
+        self.seconds.pop("_", None)
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def run_job(ctx: JobContext, run_id: str, item_index: int | None) -> int:
+    """Process one item (array child) or every item of the run in turn; returns the exit code."""
+    run = ctx.store.get_run(run_id)
+    if run.state is RunState.TERMINATED:
+        # Cancelled (or closed by job_events) before this job got to it.
+        logger.info("run %s already %s; nothing to do", run_id, run.termination_reason)
+        return EXIT_DONE
+    items = ctx.store.list_items(run_id)
+    if item_index is not None:
+        items = [item for item in items if item.index == item_index]
+        if not items:
+            logger.error("run %s has no item %d", run_id, item_index)
+            return EXIT_PERMANENT
+    codes = [process_item(ctx, run, item) for item in items]
+    if EXIT_RETRYABLE in codes:
+        return EXIT_RETRYABLE
+    return EXIT_PERMANENT if EXIT_PERMANENT in codes else EXIT_DONE
+
+
+def process_item(ctx: JobContext, run: Run, item: Item) -> int:
+    if item.state is ItemState.TERMINATED:
+        # A retried job, or the run was cancelled: nothing left to do for this item.
+        logger.info("item %d of run %s already %s; skipping", item.index, run.run_id, item.termination_reason)
+        return EXIT_DONE
+    if item.state is ItemState.PENDING:
+        try:
+            ctx.store.transition_item(run.run_id, item.index, ItemState.PROCESSING)
+        except IllegalTransitionError:
+            logger.info("item %d of run %s was closed meanwhile; skipping", item.index, run.run_id)
+            return EXIT_DONE
+    workdir = ctx.settings.scratch_dir / run.run_id / str(item.index)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    log = {"run_id": run.run_id, "item_index": item.index, "item_id": item.item_id}
+    try:
+        outputs = _analyse(ctx, run, item, workdir)
+    except UserInputError as exc:
+        logger.warning("item failed on its input: %s (%s)", exc.code, exc.message, extra=log)
+        return _close(ctx, run, item, ItemTerminationReason.USER_ERROR, code=exc.code, message=exc.message)
+    except RetryableError as exc:
+        if ctx.last_attempt:
+            logger.error("transient failure on the last attempt: %s", exc, extra=log)
+            return _close(
+                ctx,
+                run,
+                item,
+                ItemTerminationReason.SYSTEM_ERROR,
+                code="RETRIES_EXHAUSTED",
+                message=f"gave up after {ctx.attempt} attempts: {exc}",
+                exit_code=EXIT_PERMANENT,
+            )
+        logger.warning("transient failure on attempt %d: %s; handing the item back", ctx.attempt, exc, extra=log)
+        try:
+            ctx.store.transition_item(run.run_id, item.index, ItemState.PENDING)
+        except IllegalTransitionError:
+            return EXIT_DONE
+        return EXIT_RETRYABLE
+    except Exception as exc:
+        logger.exception("item failed on our side", extra=log)
+        return _close(
+            ctx,
+            run,
+            item,
+            ItemTerminationReason.SYSTEM_ERROR,
+            code="INTERNAL_ERROR",
+            message=f"processing failed: {type(exc).__name__}",
+            exit_code=EXIT_PERMANENT,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return _close(ctx, run, item, ItemTerminationReason.SUCCEEDED, outputs=outputs)
+
+
+def _close(
+    ctx: JobContext,
+    run: Run,
+    item: Item,
+    reason: ItemTerminationReason,
+    *,
+    code: str | None = None,
+    message: str | None = None,
+    outputs: list[OutputArtifact] | None = None,
+    exit_code: int = EXIT_DONE,
+) -> int:
+    try:
+        ctx.store.transition_item(
+            run.run_id,
+            item.index,
+            ItemState.TERMINATED,
+            reason=reason,
+            error_code=code,
+            error_message=message,
+            output_artifacts=outputs,
+        )
+    except IllegalTransitionError:
+        # Cancelled while we worked: the cancellation stands and our result is dropped.
+        logger.info("item %d of run %s was closed meanwhile; result dropped", item.index, run.run_id)
+        return EXIT_DONE
+    return exit_code
+
+
+def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[OutputArtifact]:
+    timer = StageTimer()
+    settings = ctx.settings
+    timer.start("download")
+    inputs = workdir / "input"
+    inputs.mkdir()
+    paths: list[Path] = []
+    for number, artifact in enumerate(item.input_artifacts):
+        result = download(
+            artifact.download_url,
+            inputs / f"{number:03d}",
+            policy=ctx.policy,
+            expected_crc32c_b64=artifact.metadata.get("checksum_base64_crc32c"),
+            part_size=settings.download_part_size_mb * 1024 * 1024,
+            concurrency=settings.download_concurrency,
+            timeout_s=settings.http_timeout_s,
+        )
+        paths.append(result.path)
+    timer.start("open")
+    slide_path = prepare_slide(paths, workdir / "slide")
+    classifier = get_classifier(run.application_id, run.version_number)
+    timer.start("analyse")
+    analysis = analyze_slide(
+        slide_path,
+        classifier,
+        tile_workers=settings.tile_workers,
+        batch_size=settings.classifier_batch_size,
+    )
+    timer.start("artifacts")
+    out_dir = workdir / "out"
+    out_dir.mkdir()
+    with open_slide(slide_path) as slide:
+        rendered = write_artifacts(analysis, slide, out_dir)
+    outputs: list[OutputArtifact] = []
+    for artifact in rendered:
+        key = ctx.artifacts.key_for(run.run_id, item.item_id, artifact.path.name)
+        metadata = ctx.artifacts.upload(artifact.path, key, artifact.media_type)
+        outputs.append(OutputArtifact(name=artifact.name, s3_key=key, metadata=metadata))
+    logger.info(
+        "item %d of run %s analysed: %d tiles; seconds per stage %s",
+        item.index,
+        run.run_id,
+        len(analysis.tiles),
+        timer.stop(),
+    )
+    return outputs

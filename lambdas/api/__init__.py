@@ -1,0 +1,1 @@
+"""The API Lambda: every front door behind one Powertools resolver."""

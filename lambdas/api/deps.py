@@ -1,0 +1,36 @@
+"""Process-wide collaborators for the routes, built lazily from settings on first use."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from slidebridge.artifacts import ArtifactStore
+from slidebridge.launcher import launcher_from_settings
+from slidebridge.outbound import OutboundPolicy
+from slidebridge.platform import PlatformService
+from slidebridge.settings import get_settings
+from slidebridge.store import RunStore
+
+
+@lru_cache(maxsize=1)
+def run_store() -> RunStore:
+    return RunStore(get_settings().table_name)
+
+
+@lru_cache(maxsize=1)
+def platform_service() -> PlatformService:
+    settings = get_settings()
+    return PlatformService(
+        run_store(),
+        ArtifactStore(settings.bucket_name, prefix=settings.artifacts_prefix),
+        launcher_from_settings(settings),
+        OutboundPolicy.from_settings(settings),
+        artifact_url_ttl_s=settings.artifact_url_ttl_s,
+    )
+
+
+def reset() -> None:
+    """Forget cached collaborators (tests change settings between cases)."""
+    get_settings.cache_clear()
+    run_store.cache_clear()
+    platform_service.cache_clear()

@@ -1,0 +1,1 @@
+"""The Batch job state-change Lambda."""

@@ -1,0 +1,86 @@
+"""Every SLIDEBRIDGE_* variable, in one place (no ``os.environ`` anywhere else).
+
+The CDK stack sets these on each function and on the job definition; the local stack sets them
+for its gateway process and the batch-job subprocesses it starts.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIDEBRIDGE_", extra="ignore", frozen=True)
+
+    # --- storage -----------------------------------------------------------------------------
+    table_name: str = "slidebridge"
+    bucket_name: str = "slidebridge-data"
+    # S3 key prefixes: slides in transit are removed by a lifecycle rule sooner than artifacts.
+    slides_prefix: str = "slides/"
+    artifacts_prefix: str = "artifacts/"
+    # Lifetime of a presigned artifact URL handed out by GET .../file (seconds).
+    artifact_url_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
+
+    # --- jobs --------------------------------------------------------------------------------
+    launcher: Literal["batch", "process"] = "batch"
+    job_queue: str = "slidebridge-gpu"
+    job_definition: str = "slidebridge-job"
+    # Scratch space for slides in the job (the Batch launch template mounts a large volume here).
+    scratch_dir: Path = Path("/tmp/slidebridge")  # noqa: S108 - overridden by the job definition
+    # Tile-reading worker processes in the job; 0 = one per CPU core, at most 8.
+    tile_workers: int = Field(default=0, ge=0, le=64)
+    classifier_batch_size: int = Field(default=64, ge=1, le=4096)
+    # Set by AWS Batch in array jobs and on retries; read here so nothing else touches the environment.
+    batch_array_index: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_BATCH_JOB_ARRAY_INDEX", "SLIDEBRIDGE_BATCH_ARRAY_INDEX"),
+    )
+    batch_job_attempt: int = Field(
+        default=1, validation_alias=AliasChoices("AWS_BATCH_JOB_ATTEMPT", "SLIDEBRIDGE_BATCH_JOB_ATTEMPT")
+    )
+    batch_max_attempts: int = Field(default=3, ge=1, le=10)
+
+    # --- fetching ----------------------------------------------------------------------------
+    # Comma-separated: "host", "host:port" or "http://host[:port]" (DESIGN §7).
+    download_hosts: str = "127.0.0.1,localhost"
+    sectra_callback_hosts: str = "127.0.0.1,localhost"
+    download_part_size_mb: int = Field(default=16, ge=1, le=512)
+    download_concurrency: int = Field(default=8, ge=1, le=64)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    ca_bundle: Path | None = None
+
+    # --- front doors -------------------------------------------------------------------------
+    # Locally these come from the environment; in AWS the Lambda reads them from Secrets Manager
+    # (the *_secret_arn settings) and these stay unset.
+    sectra_webhook_key: SecretStr | None = None
+    techcyte_webhook_key: SecretStr | None = None
+    webhook_keys_secret_arn: str | None = None
+    # A Platform API token the local stack registers at start (DESIGN §7).
+    api_token: SecretStr | None = None
+    default_organization_id: str = "default"
+
+    techcyte_api_url: str = "https://api.app.techcyte.com/api/v3"
+    techcyte_client_id: str | None = None
+    techcyte_client_secret: SecretStr | None = None
+    techcyte_credentials_secret_arn: str | None = None
+
+    # --- application -------------------------------------------------------------------------
+    default_application_id: str = "he-tissue"
+    default_application_version: str = "1.0.0"
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: str = "INFO"
+
+    def allowlist(self, value: str) -> list[str]:
+        return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once (tests call ``get_settings.cache_clear()``)."""
+    return Settings()

@@ -1,0 +1,552 @@
+"""RunStore: runs, items and API tokens in one DynamoDB table, every change a conditional write.
+
+Layout (single table, string keys ``pk``/``sk``):
+
+| record      | pk                 | sk            | notes                                         |
+|-------------|--------------------|---------------|-----------------------------------------------|
+| run         | ``RUN#<run_id>``   | ``RUN``       | gsi1: ``ORG#<org>`` / ``<submitted_at>#<id>``  |
+| item        | ``RUN#<run_id>``   | ``ITEM#00007``| one per item, ordered by index                |
+| idempotency | ``IDEM#<key>``     | ``IDEM``      | a vendor delivery key → the run it started    |
+| API token   | ``TOKEN#<sha256>`` | ``TOKEN``     | only the hash of the token is stored          |
+
+Each run and item record holds its pydantic model as JSON in ``doc`` plus the attributes that
+conditions and atomic counters need (``state``, ``version``, the seven statistics counters).
+An item transition and the run's counters change in one transaction, so the statistics can never
+disagree with the items; the run's own state then follows from the counters by a conditional
+write that re-reads and retries when another writer got there first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.exceptions import ClientError
+from pydantic import BaseModel
+
+from slidebridge.errors import ConflictError, IllegalTransitionError, NotFoundError
+from slidebridge.runs import (
+    Item,
+    ItemOutput,
+    ItemState,
+    ItemTerminationReason,
+    OutputArtifact,
+    Run,
+    RunState,
+    RunStatistics,
+    RunTerminationReason,
+    check_item_transition,
+    check_run_transition,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+logger = logging.getLogger(__name__)
+
+# The table's schema, shared by the local stack (create_table) and checked against the CDK stack.
+TABLE_DEFINITION: dict[str, Any] = {
+    "AttributeDefinitions": [
+        {"AttributeName": "pk", "AttributeType": "S"},
+        {"AttributeName": "sk", "AttributeType": "S"},
+        {"AttributeName": "gsi1pk", "AttributeType": "S"},
+        {"AttributeName": "gsi1sk", "AttributeType": "S"},
+    ],
+    "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+    "GlobalSecondaryIndexes": [
+        {
+            "IndexName": "gsi1",
+            "KeySchema": [
+                {"AttributeName": "gsi1pk", "KeyType": "HASH"},
+                {"AttributeName": "gsi1sk", "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "ALL"},
+        }
+    ],
+    "BillingMode": "PAY_PER_REQUEST",
+}
+TTL_ATTRIBUTE = "expires_at"
+
+COUNTERS = tuple(RunStatistics.model_fields)
+# DynamoDB allows 100 actions per transaction; one is the run record, one the idempotency key.
+_MAX_ITEMS_IN_CREATE_TRANSACTION = 98
+_MAX_SETTLE_ATTEMPTS = 20
+
+
+class Principal(BaseModel):
+    """Who called the Platform API: the user and organisation an API token is bound to."""
+
+    user_id: str
+    organization_id: str
+
+
+class DuplicateRunError(ConflictError):
+    """A run was already started for this idempotency key."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"a run already exists for this request: {run_id}")
+        self.run_id = run_id
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _run_key(run_id: str) -> dict[str, Any]:
+    return {"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": "RUN"}}
+
+
+def _item_key(run_id: str, index: int) -> dict[str, Any]:
+    return {"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"ITEM#{index:05d}"}}
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _is_condition_failure(exc: ClientError) -> bool:
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code == "ConditionalCheckFailedException":
+        return True
+    if code == "TransactionCanceledException":
+        reasons = exc.response.get("CancellationReasons", [])
+        return any(r.get("Code") == "ConditionalCheckFailed" for r in reasons) or not reasons
+    return False
+
+
+class RunStore:
+    """Reads and writes runs and items; every write is conditional (no lost updates)."""
+
+    def __init__(self, table_name: str, client: DynamoDBClient | None = None) -> None:
+        self.table_name = table_name
+        self._client = client
+
+    @property
+    def client(self) -> DynamoDBClient:
+        # Created lazily: importing a handler must not touch AWS (cold start, tests).
+        if self._client is None:
+            self._client = boto3.client("dynamodb")
+        return self._client
+
+    # --- serialisation ------------------------------------------------------------------------
+
+    def _run_record(self, run: Run) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            **_run_key(run.run_id),
+            "gsi1pk": {"S": f"ORG#{run.organization_id}"},
+            "gsi1sk": {"S": f"{_iso(run.submitted_at)}#{run.run_id}"},
+            "state": {"S": run.state.value},
+            "version": {"N": str(run.version)},
+            "doc": {"S": run.model_dump_json(exclude={"statistics", "state", "version"})},
+        }
+        for name in COUNTERS:
+            record[name] = {"N": str(getattr(run.statistics, name))}
+        return record
+
+    @staticmethod
+    def _run_from_record(record: dict[str, Any]) -> Run:
+        doc = json.loads(record["doc"]["S"])
+        doc["state"] = record["state"]["S"]
+        doc["version"] = int(record["version"]["N"])
+        doc["statistics"] = {name: int(record[name]["N"]) for name in COUNTERS}
+        return Run.model_validate(doc)
+
+    @staticmethod
+    def _item_record(item: Item) -> dict[str, Any]:
+        return {
+            **_item_key(item.run_id, item.index),
+            "state": {"S": item.state.value},
+            "version": {"N": str(item.version)},
+            "doc": {"S": item.model_dump_json(exclude={"version"})},
+        }
+
+    @staticmethod
+    def _item_from_record(record: dict[str, Any]) -> Item:
+        doc = json.loads(record["doc"]["S"])
+        doc["version"] = int(record["version"]["N"])
+        return Item.model_validate(doc)
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def create_run(self, run: Run, items: list[Item], *, idempotency_key: str | None = None) -> Run:
+        """Store a new run with its items, all or nothing.
+
+        With an ``idempotency_key``, a second call for the same key raises ``DuplicateRunError``
+        naming the first run, and writes nothing.
+        """
+        run = run.model_copy(update={"statistics": RunStatistics.of_items(items), "version": 0})
+        puts: list[dict[str, Any]] = []
+        if idempotency_key is not None:
+            puts.append(
+                {
+                    "Put": {
+                        "TableName": self.table_name,
+                        "Item": {
+                            "pk": {"S": f"IDEM#{idempotency_key}"},
+                            "sk": {"S": "IDEM"},
+                            "run_id": {"S": run.run_id},
+                        },
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                    }
+                }
+            )
+        puts.append(
+            {
+                "Put": {
+                    "TableName": self.table_name,
+                    "Item": self._run_record(run),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+        )
+        item_puts = [
+            {
+                "Put": {
+                    "TableName": self.table_name,
+                    "Item": self._item_record(item),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+            for item in items
+        ]
+        if len(items) <= _MAX_ITEMS_IN_CREATE_TRANSACTION:
+            try:
+                self.client.transact_write_items(TransactItems=puts + item_puts)
+            except ClientError as exc:
+                if idempotency_key is not None and _is_condition_failure(exc):
+                    existing = self.find_idempotent_run(idempotency_key)
+                    if existing is not None:
+                        raise DuplicateRunError(existing) from exc
+                raise
+            return run
+        # Larger runs: items first (invisible without their run record), the run record last with
+        # the idempotency key; on failure the items are removed again.
+        written: list[Item] = []
+        try:
+            for start in range(0, len(item_puts), 100):
+                self.client.transact_write_items(TransactItems=item_puts[start : start + 100])
+                written.extend(items[start : start + 100])
+            self.client.transact_write_items(TransactItems=puts)
+        except ClientError as exc:
+            self._delete_items(written)
+            if idempotency_key is not None and _is_condition_failure(exc):
+                existing = self.find_idempotent_run(idempotency_key)
+                if existing is not None:
+                    raise DuplicateRunError(existing) from exc
+            raise
+        return run
+
+    def _delete_items(self, items: list[Item]) -> None:
+        for item in items:
+            self.client.delete_item(TableName=self.table_name, Key=_item_key(item.run_id, item.index))
+
+    def find_idempotent_run(self, idempotency_key: str) -> str | None:
+        response = self.client.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"IDEM#{idempotency_key}"}, "sk": {"S": "IDEM"}},
+            ConsistentRead=True,
+        )
+        record = response.get("Item")
+        return record["run_id"]["S"] if record else None
+
+    def get_run(self, run_id: str) -> Run:
+        response = self.client.get_item(TableName=self.table_name, Key=_run_key(run_id), ConsistentRead=True)
+        if "Item" not in response:
+            raise NotFoundError(f"run {run_id} not found")
+        return self._run_from_record(response["Item"])
+
+    def list_items(self, run_id: str) -> list[Item]:
+        items: list[Item] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": {"S": f"RUN#{run_id}"}, ":prefix": {"S": "ITEM#"}},
+            "ConsistentRead": True,
+        }
+        while True:
+            response = self.client.query(**kwargs)
+            items.extend(self._item_from_record(record) for record in response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                return items
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def get_item(self, run_id: str, index: int) -> Item:
+        response = self.client.get_item(TableName=self.table_name, Key=_item_key(run_id, index), ConsistentRead=True)
+        if "Item" not in response:
+            raise NotFoundError(f"item {index} of run {run_id} not found")
+        return self._item_from_record(response["Item"])
+
+    def _update_run(self, run_id: str, change: Callable[[Run], Run | None]) -> Run:
+        """Apply ``change`` to the current run with a version-conditioned put; re-read on conflict.
+
+        ``change`` returns the new run, or None when nothing needs writing.
+        """
+        for _ in range(_MAX_SETTLE_ATTEMPTS):
+            current = self.get_run(run_id)
+            updated = change(current)
+            if updated is None:
+                return current
+            record = self._run_record(updated.model_copy(update={"version": current.version + 1}))
+            # Counters are owned by item transactions: never overwrite them from a stale read.
+            for name in COUNTERS:
+                record.pop(name)
+            names = {f"#{k}": k for k in record if k not in ("pk", "sk")}
+            values = {f":{k}": v for k, v in record.items() if k not in ("pk", "sk")}
+            values[":expected"] = {"N": str(current.version)}
+            try:
+                self.client.update_item(
+                    TableName=self.table_name,
+                    Key=_run_key(run_id),
+                    UpdateExpression="SET " + ", ".join(f"#{k} = :{k}" for k in record if k not in ("pk", "sk")),
+                    ConditionExpression="#version = :expected",
+                    ExpressionAttributeNames=names,
+                    ExpressionAttributeValues=values,
+                )
+            except ClientError as exc:
+                if _is_condition_failure(exc):
+                    continue
+                raise
+            return self.get_run(run_id)
+        raise ConflictError(f"run {run_id} kept changing; gave up after {_MAX_SETTLE_ATTEMPTS} attempts")
+
+    def set_job_id(self, run_id: str, job_id: str) -> Run:
+        return self._update_run(run_id, lambda run: run.model_copy(update={"job_id": job_id}))
+
+    def settle_run(self, run_id: str) -> Run:
+        """Bring the run's state in line with its item counters.
+
+        PENDING while nothing has started, PROCESSING while items are open and some have started,
+        TERMINATED (ALL_ITEMS_PROCESSED) once no item is open.
+        """
+
+        def change(run: Run) -> Run | None:
+            if run.state is RunState.TERMINATED:
+                return None
+            stats = run.statistics
+            started = stats.item_count - stats.item_pending_count
+            if stats.open_count == 0:
+                target = RunState.TERMINATED
+            elif started > 0:
+                target = RunState.PROCESSING
+            else:
+                target = RunState.PENDING
+            if target is run.state:
+                return None
+            check_run_transition(run.state, target)
+            update: dict[str, Any] = {"state": target}
+            if target is RunState.TERMINATED:
+                update |= {
+                    "termination_reason": RunTerminationReason.ALL_ITEMS_PROCESSED,
+                    "terminated_at": utcnow(),
+                }
+            return run.model_copy(update=update)
+
+        return self._update_run(run_id, change)
+
+    def terminate_run(
+        self,
+        run_id: str,
+        reason: RunTerminationReason,
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> Run:
+        """Cancel a run: the run ends first, then its open items end SKIPPED.
+
+        Finished items keep their artifacts. Ending the run first keeps ``settle_run`` from calling
+        it ALL_ITEMS_PROCESSED when the last open item is skipped. Raises IllegalTransitionError
+        when the run has already terminated.
+        """
+
+        def change(current: Run) -> Run | None:
+            check_run_transition(current.state, RunState.TERMINATED)
+            return current.model_copy(
+                update={
+                    "state": RunState.TERMINATED,
+                    "termination_reason": reason,
+                    "terminated_at": utcnow(),
+                    "error_code": error_code,
+                    "error_message": error_message,
+                }
+            )
+
+        self._update_run(run_id, change)
+        for item in self.list_items(run_id):
+            if item.state is not ItemState.TERMINATED:
+                # It may terminate on its own meanwhile; its result then stands.
+                with contextlib.suppress(IllegalTransitionError):
+                    self.transition_item(
+                        run_id,
+                        item.index,
+                        ItemState.TERMINATED,
+                        reason=ItemTerminationReason.SKIPPED,
+                        error_message="cancelled before it finished",
+                    )
+        return self.get_run(run_id)
+
+    # --- items --------------------------------------------------------------------------------
+
+    def transition_item(
+        self,
+        run_id: str,
+        index: int,
+        target: ItemState,
+        *,
+        reason: ItemTerminationReason | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        output_artifacts: list[OutputArtifact] | None = None,
+    ) -> Item:
+        """Move one item to ``target`` and its run's counters with it, atomically.
+
+        Raises IllegalTransitionError for a transition the model forbids (e.g. out of TERMINATED);
+        a concurrent writer makes it re-read and re-check, so no update is lost.
+        """
+        if (target is ItemState.TERMINATED) != (reason is not None):
+            raise IllegalTransitionError("a termination reason goes with TERMINATED, and only with it")
+        for _ in range(_MAX_SETTLE_ATTEMPTS):
+            item = self.get_item(run_id, index)
+            check_item_transition(item.state, target)
+            update: dict[str, Any] = {
+                "state": target,
+                "termination_reason": reason,
+                "error_code": error_code,
+                "error_message": error_message,
+                "version": item.version + 1,
+            }
+            if target is ItemState.TERMINATED:
+                update["terminated_at"] = utcnow()
+                update["output"] = ItemOutput.FULL if reason is ItemTerminationReason.SUCCEEDED else ItemOutput.NONE
+            if output_artifacts is not None:
+                update["output_artifacts"] = output_artifacts
+            new_item = item.model_copy(update=update)
+            old_counter = RunStatistics.counter_for(item.state, item.termination_reason)
+            new_counter = RunStatistics.counter_for(target, reason)
+            record = self._item_record(new_item)
+            try:
+                self.client.transact_write_items(
+                    TransactItems=[
+                        {
+                            "Put": {
+                                "TableName": self.table_name,
+                                "Item": record,
+                                "ConditionExpression": "#version = :expected",
+                                "ExpressionAttributeNames": {"#version": "version"},
+                                "ExpressionAttributeValues": {":expected": {"N": str(item.version)}},
+                            }
+                        },
+                        {
+                            "Update": {
+                                "TableName": self.table_name,
+                                "Key": _run_key(run_id),
+                                "UpdateExpression": "ADD #old :minus, #new :plus",
+                                "ConditionExpression": "attribute_exists(pk)",
+                                "ExpressionAttributeNames": {"#old": old_counter, "#new": new_counter},
+                                "ExpressionAttributeValues": {":minus": {"N": "-1"}, ":plus": {"N": "1"}},
+                            }
+                        },
+                    ]
+                )
+            except ClientError as exc:
+                if _is_condition_failure(exc):
+                    logger.debug("item %s/%s changed concurrently; re-reading", run_id, index)
+                    continue
+                raise
+            self.settle_run(run_id)
+            return new_item
+        raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
+
+    def fail_open_items(
+        self, run_id: str, *, indices: list[int] | None, error_code: str, error_message: str
+    ) -> list[Item]:
+        """End every still-open item (of ``indices``, or all) with SYSTEM_ERROR; returns those it ended.
+
+        Used when a job died without closing its books (spot reclaim after the last retry, OOM kill).
+        """
+        ended: list[Item] = []
+        for item in self.list_items(run_id):
+            if item.state is ItemState.TERMINATED or (indices is not None and item.index not in indices):
+                continue
+            with contextlib.suppress(IllegalTransitionError):
+                ended.append(
+                    self.transition_item(
+                        run_id,
+                        item.index,
+                        ItemState.TERMINATED,
+                        reason=ItemTerminationReason.SYSTEM_ERROR,
+                        error_code=error_code,
+                        error_message=error_message,
+                    )
+                )
+        return ended
+
+    def set_item_artifacts(self, run_id: str, index: int, artifacts: list[OutputArtifact]) -> Item:
+        """Replace an item's output artifacts (e.g. mark them deleted) without a state change."""
+        for _ in range(_MAX_SETTLE_ATTEMPTS):
+            item = self.get_item(run_id, index)
+            new_item = item.model_copy(update={"output_artifacts": artifacts, "version": item.version + 1})
+            try:
+                self.client.put_item(
+                    TableName=self.table_name,
+                    Item=self._item_record(new_item),
+                    ConditionExpression="#version = :expected",
+                    ExpressionAttributeNames={"#version": "version"},
+                    ExpressionAttributeValues={":expected": {"N": str(item.version)}},
+                )
+            except ClientError as exc:
+                if _is_condition_failure(exc):
+                    continue
+                raise
+            return new_item
+        raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
+
+    # --- listing ------------------------------------------------------------------------------
+
+    def iter_runs(self, organization_id: str, *, newest_first: bool = True) -> Iterator[Run]:
+        """Runs of one organisation, by submission time (a query on gsi1, never a scan)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": "gsi1",
+            "KeyConditionExpression": "gsi1pk = :org",
+            "ExpressionAttributeValues": {":org": {"S": f"ORG#{organization_id}"}},
+            "ScanIndexForward": not newest_first,
+        }
+        while True:
+            response = self.client.query(**kwargs)
+            for record in response.get("Items", []):
+                yield self._run_from_record(record)
+            if "LastEvaluatedKey" not in response:
+                return
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    # --- API tokens ---------------------------------------------------------------------------
+
+    def register_api_token(self, token: str, *, user_id: str, organization_id: str) -> None:
+        """Store (the hash of) a Platform API token bound to a user and organisation; idempotent."""
+        self.client.put_item(
+            TableName=self.table_name,
+            Item={
+                "pk": {"S": f"TOKEN#{hash_token(token)}"},
+                "sk": {"S": "TOKEN"},
+                "user_id": {"S": user_id},
+                "organization_id": {"S": organization_id},
+                "created_at": {"S": _iso(utcnow())},
+            },
+        )
+
+    def authenticate(self, token: str) -> Principal | None:
+        response = self.client.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"TOKEN#{hash_token(token)}"}, "sk": {"S": "TOKEN"}},
+        )
+        record = response.get("Item")
+        if record is None or "revoked_at" in record:
+            return None
+        return Principal(user_id=record["user_id"]["S"], organization_id=record["organization_id"]["S"])
