@@ -105,6 +105,15 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int
     )
 
 
+def _describe(exc: httpx.TransportError) -> str:
+    # httpx messages say what failed ("timed out", "peer closed connection ..."); one that quotes a
+    # URL (and so maybe a signature) is reduced to the exception's name.
+    message = str(exc)
+    if not message or "?" in message or "://" in message:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {message}"
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     try:
         return min(float(response.headers["retry-after"]), _MAX_BACKOFF_S)
@@ -199,11 +208,11 @@ class _Download:
         try:
             response = self.policy.send_following_redirects(self.client, request, Purpose.DOWNLOAD)
         except httpx.TransportError as exc:
-            raise RetryableError(f"{type(exc).__name__} from {self.redacted}") from exc
+            raise RetryableError(f"{_describe(exc)} from {self.redacted}") from exc
         try:
             yield response
         except httpx.TransportError as exc:
-            raise RetryableError(f"{type(exc).__name__} while reading {self.redacted}") from exc
+            raise RetryableError(f"{_describe(exc)} while reading {self.redacted}") from exc
         finally:
             response.close()
 
@@ -217,7 +226,7 @@ class _Download:
         if status in (404, 410):
             raise DownloadFailedError(f"download URL not found ({where})")
         if status >= 500 or status in _RETRYABLE_STATUSES:
-            raise _TransientHttpError(f"server error ({where})", _retry_after(response))
+            raise _TransientHttpError(f"transient failure ({where})", _retry_after(response))
         raise DownloadFailedError(f"download failed ({where})")
 
     def _check_etag(self, response: httpx.Response) -> None:
@@ -288,6 +297,7 @@ class _Download:
                         # Later parts go straight to where any redirect led (checked on the way).
                         self.url = str(response.url)
                         self.etag = response.headers.get("etag")
+                        _read_limited(response, 1024)  # the one byte, so the connection is reused
                         return _Probe(size=total, crc=None)
                     raise RetryableError(f"unusable Content-Range in a 206 from {self.redacted}")
                 if response.status_code == 416:

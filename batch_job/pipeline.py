@@ -193,6 +193,7 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
             part_size=settings.download_part_size_mb * 1024 * 1024,
             concurrency=settings.download_concurrency,
             timeout_s=settings.http_timeout_s,
+            verify=str(settings.ca_bundle) if settings.ca_bundle else True,
         )
         paths.append(result.path)
     timer.start("open")
@@ -211,10 +212,10 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
     with open_slide(slide_path) as slide:
         rendered = write_artifacts(analysis, slide, out_dir)
     outputs: list[OutputArtifact] = []
-    for artifact in rendered:
-        key = ctx.artifacts.key_for(run.run_id, item.item_id, artifact.path.name)
-        metadata = ctx.artifacts.upload(artifact.path, key, artifact.media_type)
-        outputs.append(OutputArtifact(name=artifact.name, s3_key=key, metadata=metadata))
+    for rendered_artifact in rendered:
+        key = ctx.artifacts.key_for(run.run_id, item.item_id, rendered_artifact.path.name)
+        metadata = ctx.artifacts.upload(rendered_artifact.path, key, rendered_artifact.media_type)
+        outputs.append(OutputArtifact(name=rendered_artifact.name, s3_key=key, metadata=metadata))
     logger.info(
         "item %d of run %s analysed: %d tiles; seconds per stage %s",
         item.index,

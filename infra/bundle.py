@@ -160,8 +160,10 @@ def build_bundle(
     if current == wanted:
         return False
 
-    if current is not None and current.kind == wanted.kind and (
-        stub or current.requirements_sha256 == wanted.requirements_sha256
+    if (
+        current is not None
+        and current.kind == wanted.kind
+        and (stub or current.requirements_sha256 == wanted.requirements_sha256)
     ):
         # Only the sources changed: keep the installed dependencies. The stamp goes first so that
         # an interrupted copy never looks up to date.

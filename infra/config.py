@@ -7,6 +7,7 @@ also accept ``"g4dn,g5"`` and numbers/booleans are parsed leniently. A bad value
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -96,6 +97,8 @@ class InfraConfig(BaseModel):
     # --- outbound allowlists and vendors ------------------------------------------------------
     download_hosts: str = ""
     sectra_callback_hosts: str = ""
+    # CIDRs that download/callback hosts may resolve to although private (on-site Sectra servers).
+    outbound_trusted_networks: str = ""
     techcyte_api_url: str = "https://api.app.techcyte.com/api/v3"
     # An existing Secrets Manager secret {"client_id", "client_secret"}; unset creates a placeholder.
     techcyte_credentials_secret_arn: str | None = Field(
@@ -148,6 +151,14 @@ class InfraConfig(BaseModel):
             raise ValueError(f"entries {bad} are not host, host:port or http://host[:port]")
         return ",".join(entries)
 
+    @field_validator("outbound_trusted_networks")
+    @classmethod
+    def _cidr_list(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        for entry in entries:
+            ipaddress.ip_network(entry, strict=True)  # ValueError names the bad entry
+        return ",".join(entries)
+
     @field_validator("techcyte_api_url")
     @classmethod
     def _https_url(cls, value: str) -> str:
@@ -184,6 +195,19 @@ class InfraConfig(BaseModel):
     @property
     def log_retention(self) -> logs.RetentionDays:
         return _LOG_RETENTION_DAYS[self.log_retention_days]
+
+    def outbound_environment(self) -> dict[str, str]:
+        """The outbound-URL policy variables (DESIGN §6) for every runtime component.
+
+        Always set, even when empty: unset, slidebridge.settings would fall back to its local default
+        (loopback hosts), which must never be reachable from a request in AWS.
+        """
+        return {
+            "SLIDEBRIDGE_DOWNLOAD_HOSTS": self.download_hosts,
+            "SLIDEBRIDGE_SECTRA_CALLBACK_HOSTS": self.sectra_callback_hosts,
+            "SLIDEBRIDGE_OUTBOUND_TRUSTED_NETWORKS": self.outbound_trusted_networks,
+            "SLIDEBRIDGE_TECHCYTE_API_URL": self.techcyte_api_url,
+        }
 
     # --- loading -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import aws_cdk.aws_sqs as sqs
 from constructs import Construct
 
 from infra.config import InfraConfig
+from infra.nag import acknowledge
 
 # The bundle's wheels are built for exactly this runtime and architecture (infra.bundle.PIP_PLATFORM_ARGS).
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -38,7 +39,7 @@ def python_function(
         retention=config.log_retention,
         removal_policy=cdk.RemovalPolicy.DESTROY,
     )
-    return lambda_.Function(
+    function = lambda_.Function(
         scope,
         construct_id,
         runtime=RUNTIME,
@@ -57,3 +58,19 @@ def python_function(
             **environment,
         },
     )
+    acknowledge(
+        function,
+        "AwsSolutions-L1",
+        "Python 3.12 on purpose: the bundle's wheels are built for it and the code is tested on it (DESIGN §2).",
+    )
+    acknowledge(
+        function,
+        "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]",
+        "The AWS-maintained basic execution policy grants CloudWatch Logs writes only.",
+    )
+    acknowledge(
+        function,
+        "AwsSolutions-IAM5[Resource::*]",
+        "Active tracing: X-Ray's PutTraceSegments and PutTelemetryRecords have no resource-level permissions.",
+    )
+    return function

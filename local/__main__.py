@@ -126,7 +126,8 @@ def serve(host: str, port: int, data_dir: Path | None) -> int:
         print(f"slidebridge local stack failed to start: {exc}", file=sys.stderr, flush=True)
         return 1
     try:
-        print(stack.ready_line(), flush=True)
+        if not stop.is_set():  # a signal during start-up: stop without claiming to be ready
+            print(stack.ready_line(), flush=True)
         # A timed wait so that the signal handler runs promptly on every platform.
         while not stop.wait(0.2):
             pass
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from slidebridge.settings import Settings  # noqa: PLC0415 - only once arguments parse
 
+    # The demo's own output is its progress and summary; the stack's log goes to a file.
     logging.basicConfig(
-        level=Settings().log_level.upper(),
+        level=Settings().log_level.upper() if args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

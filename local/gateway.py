@@ -65,9 +65,7 @@ def decode_path(raw_path: str) -> str:
     """Percent-decode ``raw_path`` once, keeping ``%2F`` and ``%25`` encoded (see module docstring)."""
     parts = _KEEP_ENCODED.split(raw_path)
     # split() with one capture group alternates: text, kept escape, text, kept escape, ...
-    return "".join(
-        part.upper() if index % 2 else unquote(part, errors="replace") for index, part in enumerate(parts)
-    )
+    return "".join(part.upper() if index % 2 else unquote(part, errors="replace") for index, part in enumerate(parts))
 
 
 def _query_maps(query: str) -> tuple[dict[str, str] | None, dict[str, list[str]] | None]:
@@ -178,9 +176,7 @@ class LambdaContext:
     invoked_function_arn: str = "arn:aws:lambda:eu-central-1:123456789012:function:slidebridge-api"
     log_group_name: str = "/aws/lambda/slidebridge-api"
     log_stream_name: str = "local"
-    deadline_monotonic: float = field(
-        default_factory=lambda: time.monotonic() + INTEGRATION_TIMEOUT_MS / 1000
-    )
+    deadline_monotonic: float = field(default_factory=lambda: time.monotonic() + INTEGRATION_TIMEOUT_MS / 1000)
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self.deadline_monotonic - time.monotonic()) * 1000))
@@ -364,6 +360,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         request_id = str(uuid.uuid4())
+        try:
+            self._dispatch_request(request_id)
+        except Exception:
+            # Last line of defence: whatever went wrong here, the client gets an answer.
+            logger.exception("gateway failure on %s (request %s)", self.command, request_id)
+            self.close_connection = True
+            self._write(_json_response(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": "internal error"}), request_id)
+
+    def _dispatch_request(self, request_id: str) -> None:
         request_time_ms = int(time.time() * 1000)
         try:
             body = self._read_body()

@@ -252,6 +252,7 @@ class LocalStack:
 
         # werkzeug (moto's server) logs every AWS call at INFO; the gateway's access log is enough.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        logging.getLogger("botocore").setLevel(logging.WARNING)
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._aws_port, verbose=False)
         self._moto.start()
         aws_host, aws_port = self._moto.get_host_and_port()

@@ -21,16 +21,22 @@ tests can check tissue detection and classification against what was painted.
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from io import BufferedIOBase
 from pathlib import Path
+from typing import IO
 
 import imagecodecs
 import numpy as np
 import tifffile
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate_buffer
+from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
 
 # Stain optical-density vectors used to *paint* (the Macenko et al. reference H&E vectors). They are
 # deliberately not the Ruifrok-Johnston vectors the classifier deconvolves with: real slides never
@@ -69,31 +75,29 @@ def _hash01(ix: NDArray[np.int64], iy: NDArray[np.int64], salt: int) -> NDArray[
     return result
 
 
-def _fade_weights(coords: NDArray[np.float64], cell: float) -> tuple[NDArray[np.float64], int]:
-    """Interpolation matrix (len(coords) × lattice points) with smoothstep weights, and the first index.
-
-    Value noise on a separable pixel grid is then ``Wy @ lattice @ Wx.T``: two small matrix products
-    instead of a per-pixel gather, which is what keeps rendering fast.
-    """
+def _lattice_axis(coords: NDArray[np.float64], cell: float) -> tuple[NDArray[np.int64], FloatArray, int, int]:
+    """For each coordinate: index of the lattice point before it (relative to the first one), the
+    smoothstep weight of the point after it, the first lattice index and the lattice point count."""
     u = coords / cell
     i0 = np.floor(u).astype(np.int64)
-    t = u - i0
-    fade = t * t * (3.0 - 2.0 * t)
+    t = (u - i0).astype(np.float32)
     first = int(i0.min())
-    weights = np.zeros((coords.size, int(i0.max()) - first + 2))
-    rows = np.arange(coords.size)
-    weights[rows, i0 - first] = 1.0 - fade
-    weights[rows, i0 - first + 1] = fade
-    return weights, first
+    return i0 - first, t * t * (3.0 - 2.0 * t), first, int(i0.max()) - first + 2
 
 
 def _value_noise(xs: NDArray[np.float64], ys: NDArray[np.float64], cell: float, salt: int) -> FloatArray:
-    """Smooth noise in [0, 1] with feature size ``cell`` (level-0 px), sampled at ``ys × xs``."""
-    wx, ix0 = _fade_weights(xs, cell)
-    wy, iy0 = _fade_weights(ys, cell)
-    iy = np.arange(iy0, iy0 + wy.shape[1], dtype=np.int64)[:, None]
-    ix = np.arange(ix0, ix0 + wx.shape[1], dtype=np.int64)[None, :]
-    result: FloatArray = (wy @ _hash01(ix, iy, salt) @ wx.T).astype(np.float32)
+    """Smooth noise in [0, 1] with feature size ``cell`` (level-0 px), sampled at ``ys × xs``.
+
+    Hashed lattice values, interpolated separably (rows, then columns) with smoothstep weights:
+    two passes of gathers over the pixel grid, which keeps rendering fast.
+    """
+    ix, fx, x0, nx = _lattice_axis(xs, cell)
+    iy, fy, y0, ny = _lattice_axis(ys, cell)
+    lattice = _hash01(
+        np.arange(x0, x0 + nx, dtype=np.int64)[None, :], np.arange(y0, y0 + ny, dtype=np.int64)[:, None], salt
+    ).astype(np.float32)
+    rows = lattice[iy] * (1.0 - fy)[:, None] + lattice[iy + 1] * fy[:, None]  # len(ys) × nx
+    result: FloatArray = rows[:, ix] * (1.0 - fx) + rows[:, ix + 1] * fx
     return result
 
 
@@ -162,10 +166,12 @@ class SyntheticTissue:
 
     def _tissue_cover(self, field: FloatArray) -> FloatArray:
         # A soft edge a few µm wide rather than a hard step, so outlines are not aliased.
-        return np.clip((field - self._tissue_threshold) / 0.0015, 0.0, 1.0)
+        cover: FloatArray = np.clip((field - self._tissue_threshold) / 0.0015, 0.0, 1.0)
+        return cover
 
     def _cellular_weight(self, field: FloatArray) -> FloatArray:
-        return np.clip((field - self._cellular_threshold) / 0.02, 0.0, 1.0)
+        weight: FloatArray = np.clip((field - self._cellular_threshold) / 0.02, 0.0, 1.0)
+        return weight
 
     # --- ground truth -------------------------------------------------------------------------
 
@@ -241,7 +247,8 @@ class SyntheticTissue:
         rows = np.arange(r0, int(row.max()) + 1, dtype=np.int64)
         # Per lattice cell: presence, size, shape, position and darkness of its nucleus. Cellularity
         # is read at the cell centre so a nucleus is all there or not at all, in every tile and level.
-        cx, cy = origin + (cols + 0.5) * cell, origin + (rows + 0.5) * cell
+        cx = np.asarray(origin + (cols + 0.5) * cell, dtype=np.float64)  # level-0 px
+        cy = np.asarray(origin + (rows + 0.5) * cell, dtype=np.float64)
         cell_cellular = self._cellular_weight(self._cellular_field(cx, cy))
         cell_tissue = self._tissue_cover(self._tissue_field(cx, cy))
         cell_ix, cell_iy = cols[None, :], rows[:, None]
@@ -336,8 +343,10 @@ def write_synthetic_slide(
         for index, (downsample, level_w, level_h) in enumerate(pyramid_levels(width, height)):
             # OpenSlide's aperio backend keys on "Aperio" at the start of the first description and
             # reads MPP/AppMag from its "|key = value" pairs.
-            size = f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})" if index == 0 else (
-                f"{width}x{height} -> {level_w}x{level_h}"
+            size = (
+                f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})"
+                if index == 0
+                else (f"{width}x{height} -> {level_w}x{level_h}")
             )
             description = (
                 f"Aperio Image Library v12.0.15 \r\n{size} JPEG/RGB Q={quality}"
@@ -361,6 +370,37 @@ def write_synthetic_slide(
 # --- DICOM ------------------------------------------------------------------------------------
 
 
+class _FrameWindow(BufferedIOBase):
+    """A read-only view of ``length`` bytes at ``start`` of a shared spool file: one per frame, so
+    pydicom can stream thousands of frames without thousands of open files."""
+
+    def __init__(self, spool: IO[bytes], start: int, length: int) -> None:
+        super().__init__()
+        self._spool, self._start, self._length, self._pos = spool, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        remaining = self._length - self._pos
+        count = remaining if size is None or size < 0 else min(size, remaining)
+        self._spool.seek(self._start + self._pos)
+        data = self._spool.read(count)
+        self._pos += len(data)
+        return data
+
+
 def write_synthetic_dicom(
     folder: Path,
     width: int,
@@ -379,13 +419,9 @@ def write_synthetic_dicom(
     TotalPixelMatrixColumns/Rows with Columns/Rows as the tile size, TILED_FULL frame order, and
     PixelSpacing (mm) in the shared functional groups for the mpp.
 
-    Frames are compressed one at a time and spooled to a temporary file, then streamed into the
+    Frames are compressed one at a time into a temporary spool file, then streamed from it into the
     dataset (pydicom's ``encapsulate_buffer``), so memory stays at a few tiles here too.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate_buffer
-    from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
-
     folder.mkdir(parents=True, exist_ok=True)
     model = SyntheticTissue(width, height, seed=seed, mpp=mpp)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
@@ -412,9 +448,9 @@ def write_synthetic_dicom(
         ds.SeriesNumber = 1
         ds.InstanceNumber = index + 1
         ds.ContainerIdentifier = f"synthetic-{seed}"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if index == 0 else [
-            "DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"
-        ]
+        ds.ImageType = (
+            ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if index == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        )
         ds.SamplesPerPixel = 3
         ds.PhotometricInterpretation = "YBR_FULL_422"
         ds.PlanarConfiguration = 0
@@ -446,22 +482,17 @@ def write_synthetic_dicom(
         ds.OpticalPathSequence = [optical_path]
 
         path = folder / f"level-{index}.dcm"
-        with tempfile.TemporaryDirectory() as spool_dir:
-            spools: list[tuple[Path, int]] = []
-            for number, pixels in enumerate(model.tiles(downsample, level_w, level_h, tile)):
+        with tempfile.TemporaryFile() as spool:
+            frames: list[BufferedIOBase] = []
+            for pixels in model.tiles(downsample, level_w, level_h, tile):
                 frame = imagecodecs.jpeg8_encode(pixels, level=quality, subsampling="422")
-                spool = Path(spool_dir) / f"{number}.jpg"
-                spool.write_bytes(frame)
-                spools.append((spool, len(frame)))
-            ds.NumberOfFrames = len(spools)
-            handles = [spool.open("rb") for spool, _ in spools]
-            try:
-                ds.PixelData = encapsulate_buffer(handles, has_bot=False)
-                ds["PixelData"].VR = "OB"
-                ds.save_as(path, enforce_file_format=True)
-            finally:
-                for handle in handles:
-                    handle.close()
+                frames.append(_FrameWindow(spool, spool.tell(), len(frame)))
+                spool.write(frame)
+            spool.flush()
+            ds.NumberOfFrames = len(frames)
+            ds.PixelData = encapsulate_buffer(frames, has_bot=False)
+            ds["PixelData"].VR = "OB"
+            ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 

@@ -12,11 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import boto3
 
 from slidebridge.settings import Settings
+from slidebridge.store import RunStore
 
 if TYPE_CHECKING:
     from mypy_boto3_batch import BatchClient
@@ -80,8 +82,17 @@ class ProcessLauncher:
 
     _PREFIX = "local-"
 
-    def __init__(self, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        max_attempts: int = 3,
+        on_job_failed: Callable[[str, str], None] | None = None,
+        *,
+        command: Sequence[str] = (sys.executable, "-m", "batch_job"),
+    ) -> None:
         self.max_attempts = max_attempts
+        self.command = tuple(command)
+        # Plays the part of the job_events Lambda: told (run id, reason) when a job dies for good.
+        self.on_job_failed = on_job_failed
         self._jobs: dict[str, subprocess.Popen[bytes]] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -97,7 +108,7 @@ class ProcessLauncher:
 
     def _start(self, job_id: str, run_id: str, attempt: int) -> None:
         process = subprocess.Popen(
-            [sys.executable, "-m", "batch_job", run_id, "--attempt", str(attempt)],
+            [*self.command, run_id, "--attempt", str(attempt)],
             # Its own process group, so cancel stops the tile workers too.
             start_new_session=True,
         )
@@ -115,6 +126,12 @@ class ProcessLauncher:
                 self._jobs.pop(job_id, None)
         if retry:
             self._start(job_id, run_id, attempt + 1)
+        elif code != 0 and self.on_job_failed is not None:
+            reason = f"local job exited with {code}" if code > 0 else f"local job killed by signal {-code}"
+            try:
+                self.on_job_failed(run_id, reason)
+            except Exception:
+                logger.exception("could not close the books of failed job %s", job_id)
 
     def cancel(self, job_id: str, reason: str) -> None:
         with self._lock:
@@ -147,6 +164,13 @@ def launcher_from_settings(settings: Settings) -> JobLauncher:
     global _process_launcher  # noqa: PLW0603 - one registry of local child processes per process
     if settings.launcher == "process":
         if _process_launcher is None:
-            _process_launcher = ProcessLauncher(settings.batch_max_attempts)
+            store = RunStore(settings.table_name)
+
+            def close_books(run_id: str, reason: str) -> None:
+                store.fail_open_items(
+                    run_id, indices=None, error_code="JOB_FAILED", error_message=f"the processing job failed: {reason}"
+                )
+
+            _process_launcher = ProcessLauncher(settings.batch_max_attempts, on_job_failed=close_books)
         return _process_launcher
     return BatchLauncher(settings.job_queue, settings.job_definition)

@@ -179,6 +179,7 @@ def redact_url(url: str | httpx.URL) -> str:
     return f"{scheme}://{_format_host(host)}{port_part}{parsed.path}"
 
 
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
@@ -270,6 +271,8 @@ class AllowEntry:
         ip = _ip_literal(host)
         if wildcard and (ip is not None or host.count(".") < 1):
             raise ValueError(f"allowlist entry {raw!r}: a wildcard needs a domain of two labels or more")
+        if ip is None and not _HOST_NAME.match(host):
+            raise ValueError(f"allowlist entry {raw!r}: {host!r} is not a host name")
         if ip is None and _ends_in_number(host):
             raise ValueError(f"allowlist entry {raw!r}: numeric host that is not a dotted-quad IPv4")
         port = parsed.port
@@ -346,7 +349,7 @@ class OutboundPolicy:
                 Purpose.SECTRA_CALLBACK: settings.allowlist(settings.sectra_callback_hosts),
                 Purpose.TECHCYTE_API: [techcyte_entry],
             },
-            trusted_networks=trusted_networks,
+            trusted_networks=(*settings.allowlist(settings.outbound_trusted_networks), *trusted_networks),
         )
 
     def entries(self, purpose: Purpose) -> tuple[AllowEntry, ...]:
@@ -532,7 +535,7 @@ class OutboundPolicy:
             response = client.send(request, stream=True, follow_redirects=False)
             if response.status_code not in _REDIRECT_STATUSES or "location" not in response.headers:
                 return response
-            response.close()
+            _drain(response)
             target = request.url.join(response.headers["location"])
             if hop == hops:
                 reason = "redirects are refused" if hops == 0 else f"more than {hops} redirects"
@@ -545,6 +548,20 @@ class OutboundPolicy:
                 raise UrlNotAllowedError(f"redirect refused: {exc.message}") from exc
             request = _redirect_request(request, target, response.status_code)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _drain(response: httpx.Response, limit: int = 64 * 1024) -> None:
+    """Read a small redirect body so the connection can be reused, then close the response."""
+    try:
+        received = 0
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received > limit:
+                break
+    except httpx.HTTPError:
+        pass  # the body is of no interest; a broken one only costs the connection
+    finally:
+        response.close()
 
 
 def _redirect_request(request: httpx.Request, target: httpx.URL, status: int) -> httpx.Request:
@@ -609,13 +626,14 @@ class GuardedTransport(httpx.HTTPTransport):
         limits: httpx.Limits | None = None,
     ) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        super().__init__(verify=verify, limits=limits, trust_env=False)
+        ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        super().__init__(verify=ssl_context, limits=limits, trust_env=False)
         self._policy = policy
         self._purpose = purpose
         # httpx has no public way to give its pool an httpcore network backend, so the pool it just
         # built is replaced by an equivalent one with ours (httpx 0.28 / httpcore 1.0, pinned).
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

@@ -363,6 +363,13 @@ class PlatformService:
             )
         return items
 
+    def get_item_by_external_id(self, principal: Principal, run_id: str, external_id: str) -> Item:
+        self.get_visible_run(principal, run_id)
+        for item in self.store.list_items(run_id):
+            if item.external_id == external_id:
+                return item
+        raise NotFoundError(f"run {run_id} has no item {external_id!r}")
+
     def artifact_url(self, principal: Principal, run_id: str, artifact_id: str) -> str:
         """A short-lived presigned URL for one output artifact of a visible run."""
         self.get_visible_run(principal, run_id)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(default=8, ge=1, le=64)
     http_timeout_s: float = Field(default=30.0, gt=0)
     ca_bundle: Path | None = None
+    # CIDRs whose addresses a DNS name may resolve to although they are private (on-site Sectra
+    # servers, S3 interface endpoints in the VPC). Comma-separated; empty = public addresses only.
+    outbound_trusted_networks: str = ""
 
     # --- front doors -------------------------------------------------------------------------
     # Locally these come from the environment; in AWS the Lambda reads them from Secrets Manager
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = "INFO"
+
+    @field_validator("techcyte_client_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # The deployed secret holds "" until an operator stores the real client id.
+        return None if value == "" else value
 
     def allowlist(self, value: str) -> list[str]:
         return [entry.strip() for entry in value.split(",") if entry.strip()]

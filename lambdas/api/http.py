@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 import uuid
 from typing import Any, TypeVar
@@ -40,19 +41,20 @@ def error_response(status: int, detail: Any) -> Response[str]:
 
 def parse_body(event: APIGatewayProxyEvent, model: type[ModelT]) -> ModelT:
     """Parse a JSON body into ``model``; every fault becomes a 422 naming the field and the reason."""
-    raw = event.decoded_body if event.is_base64_encoded else event.body
-    if not raw:
-        raise RequestValidationError(
-            [{"loc": ["body"], "msg": "a JSON request body is required", "type": "missing", "input": None}]
-        )
     try:
+        raw = event.decoded_body if event.is_base64_encoded else event.body
+        if not raw:
+            raise RequestValidationError(
+                [{"loc": ["body"], "msg": "a JSON request body is required", "type": "missing", "input": None}]
+            )
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, binascii.Error) as exc:
+        position = exc.pos if isinstance(exc, json.JSONDecodeError) else 0
         raise RequestValidationError(
             [
                 {
-                    "loc": ["body", exc.pos if isinstance(exc, json.JSONDecodeError) else 0],
-                    "msg": f"body is not valid JSON: {exc}",
+                    "loc": ["body", position],
+                    "msg": f"body is not valid UTF-8 JSON: {exc}",
                     "type": "json_invalid",
                     "input": None,
                 }

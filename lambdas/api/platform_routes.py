@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
@@ -57,6 +59,14 @@ def get_run_items(run_id: str) -> Response[str]:
     service = platform_service()
     run = service.get_visible_run(caller, require_uuid("run_id", run_id))
     return json_response(200, [item_view(item) for item in service.store.list_items(run.run_id)])
+
+
+@router.get("/api/v1/runs/<run_id>/items/<external_id>")
+def get_run_item(run_id: str, external_id: str) -> Response[str]:
+    caller = principal()
+    # The gateway keeps %2F (and %25) encoded so an external_id may hold slashes: decode exactly once.
+    item = platform_service().get_item_by_external_id(caller, require_uuid("run_id", run_id), unquote(external_id))
+    return json_response(200, item_view(item))
 
 
 @router.get("/api/v1/runs/<run_id>/artifacts/<artifact_id>/file")

@@ -48,7 +48,10 @@ def _batch_resources() -> tuple[str, str]:
         serviceRole=role,
     )["computeEnvironmentArn"]
     queue = batch.create_job_queue(
-        jobQueueName="gpu", state="ENABLED", priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env}]
+        jobQueueName="gpu",
+        state="ENABLED",
+        priority=1,
+        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env}],
     )["jobQueueArn"]
     definition = batch.register_job_definition(
         jobDefinitionName="slidebridge-job",
@@ -204,7 +207,7 @@ def test_artifact_file_redirects_to_a_presigned_url(api: RunStore) -> None:
     assert location.startswith("https://")
     assert BUCKET in location
     assert "X-Amz-Signature" in location
-    status, _, body = call("GET", f"/api/v1/runs/{run_id}/artifacts/00000000-0000-4000-8000-000000000000/file")
+    status, _, _ = call("GET", f"/api/v1/runs/{run_id}/artifacts/00000000-0000-4000-8000-000000000000/file")
     assert status == 404
 
 
@@ -255,7 +258,7 @@ def test_shape_errors_are_422_with_field_and_reason_and_store_nothing(
 def test_malformed_json_is_422(api: RunStore) -> None:
     status, _, error = call("POST", "/api/v1/runs", raw_body="{not json")
     assert status == 422
-    assert "not valid JSON" in error["detail"][0]["msg"]
+    assert "not valid UTF-8 JSON" in error["detail"][0]["msg"]
     assert _stored_records() == 0
 
 

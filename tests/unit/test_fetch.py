@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,7 +71,7 @@ class S3LikeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: StateServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -141,6 +144,11 @@ class StateServer(ThreadingHTTPServer):
     def __init__(self, state: ServerState) -> None:
         super().__init__(("127.0.0.1", 0), S3LikeHandler)
         self.state = state
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients that hang up mid-body (aborted downloads) are part of what is tested.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     @property
     def base(self) -> str:
@@ -265,9 +273,7 @@ def test_truncated_part_is_fetched_again(server: StateServer, policy: OutboundPo
     assert dest.read_bytes() == DATA
 
 
-def test_persistent_server_errors_become_retryable(
-    server: StateServer, policy: OutboundPolicy, tmp_path: Path
-) -> None:
+def test_persistent_server_errors_become_retryable(server: StateServer, policy: OutboundPolicy, tmp_path: Path) -> None:
     dest = tmp_path / "f"
     with pytest.raises(RetryableError, match="after 3 attempts") as info:
         _download(server, policy, "/throttled", dest, attempts=3)
@@ -332,7 +338,9 @@ def test_redirect_to_host_not_allowed_is_refused_without_connecting(
     with httpx.Client() as plain:
         # A caller's plain client gets the same checks: redirects are followed by hand.
         client = plain if caller_client else None
-        with pytest.raises(UrlNotAllowedError, match="redirect refused.*host localhost is not in the allowlist") as info:
+        with pytest.raises(
+            UrlNotAllowedError, match=r"redirect refused.*host localhost is not in the allowlist"
+        ) as info:
             _download(server, policy, "/redirect-elsewhere", dest, client=client)
     assert "SECRETSIG" not in str(info.value)
     assert other_server.state.requests == []
@@ -348,3 +356,33 @@ def test_url_refused_by_policy_before_any_request(server: StateServer, tmp_path:
     assert "SECRETSIG" not in str(info.value)
     assert server.state.requests == []
     assert dest.read_bytes() == b"keep me"
+
+
+def test_connection_refused_becomes_retryable(policy: OutboundPolicy, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens on the port any more.
+    with pytest.raises(RetryableError, match="ConnectError") as info:
+        download(
+            f"http://127.0.0.1:{port}/file?{SIGNATURE}",
+            tmp_path / "f",
+            policy=policy,
+            expected_crc32c_b64=None,
+            attempts=2,
+            retry_backoff_s=0.01,
+        )
+    assert "SECRETSIG" not in str(info.value)
+
+
+def test_logs_rate_without_query(
+    server: StateServer, policy: OutboundPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="batch_job.fetch"):
+        _download(server, policy, "/flaky", tmp_path / "f")
+    text = caplog.text
+    assert "download done" in text
+    assert "MB/s" in text
+    assert f"{len(DATA)} of {len(DATA)} bytes" in text
+    assert "retrying" in text  # the 500s were logged as retries
+    assert "SECRETSIG" not in text

@@ -40,9 +40,7 @@ def test_legal_item_transitions_pass(current: ItemState, target: ItemState) -> N
     check_item_transition(current, target)
 
 
-@pytest.mark.parametrize(
-    ("current", "target"), sorted(set(itertools.product(ItemState, ItemState)) - LEGAL_ITEM)
-)
+@pytest.mark.parametrize(("current", "target"), sorted(set(itertools.product(ItemState, ItemState)) - LEGAL_ITEM))
 def test_illegal_item_transitions_are_refused(current: ItemState, target: ItemState) -> None:
     with pytest.raises(IllegalTransitionError, match=f"from {current} to {target}"):
         check_item_transition(current, target)

@@ -1,0 +1,321 @@
+"""One slide through the classifier: tissue → tile grid → batched classification → SlideAnalysis.
+
+Frames and units as in ``batch_job.slide``: level-0 px (origin top-left, x right, y down), µm/px,
+mm². The *grid* frame indexes tiles by (row, col); tile (row, col) covers level-0
+``[col·tile_width, (col+1)·tile_width) × [row·tile_height, (row+1)·tile_height)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from skimage.draw import polygon2mask
+from skimage.measure import approximate_polygon, find_contours, label, points_in_poly, regionprops
+
+from batch_job.classifiers import Classifier
+from batch_job.slide import TileSpec, TissueMask, detect_tissue, open_slide, slide_mpp, tile_geometry, tile_grid
+from batch_job.tiles import read_tiles
+from slidebridge.analysis import AnalysisSummary, ClassRegion, RegionPolygon, SlideAnalysis, TileResult
+
+logger = logging.getLogger(__name__)
+
+# Tiles with less detected tissue than this are not classified at all.
+MIN_TISSUE_FRACTION = 0.1
+_LOG_EVERY_S = 5.0
+# Region outlines are traced on the tile grid refined this many times, so a corner is cut by
+# 1/(2·refine) of a tile (see ``class_polygons``).
+_REFINE = 4
+
+Polygon = list[tuple[float, float]]
+
+
+def analyze_slide(
+    slide_path: Path,
+    classifier: Classifier,
+    *,
+    tile_workers: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    regions: list[Polygon] | None = None,
+    min_tissue_fraction: float = MIN_TISSUE_FRACTION,
+) -> SlideAnalysis:
+    """Classify the tissue of one slide.
+
+    ``regions``: optional polygons in level-0 px; only tiles whose centre lies inside one of them
+    are analysed (Sectra's taggedPolygon/multiArea inputs). ``progress(done, total)`` is called
+    with tile counts before the first batch and after each. ``tile_workers`` worker processes read
+    tiles (0: in this process).
+    """
+    with open_slide(slide_path) as slide:
+        mpp_x, mpp_y = slide_mpp(slide)
+        width, height = slide.dimensions
+        mask = detect_tissue(slide)
+        geometry = tile_geometry(slide, tile_px=classifier.tile_px, target_mpp=classifier.mpp)
+        specs = tile_grid(
+            slide,
+            mask,
+            tile_px=classifier.tile_px,
+            target_mpp=classifier.mpp,
+            min_tissue_fraction=min_tissue_fraction,
+        )
+    if regions is not None:
+        specs = _inside_regions(specs, regions)
+        logger.info("%d tiles inside the %d requested region(s)", len(specs), len(regions))
+
+    probabilities = _classify(
+        slide_path, specs, classifier, tile_workers=tile_workers, batch_size=batch_size, progress=progress
+    )
+
+    class_names = list(classifier.class_names)
+    labels = probabilities.argmax(axis=1) if len(specs) else np.zeros(0, dtype=np.int64)
+    tiles = [
+        TileResult(
+            x=spec.x,
+            y=spec.y,
+            width=min(spec.x + spec.width, width) - spec.x,
+            height=min(spec.y + spec.height, height) - spec.y,
+            probabilities=[round(float(p), 6) for p in probabilities[i]],
+            label=class_names[int(labels[i])],
+            tissue_fraction=round(min(1.0, spec.tissue_fraction), 6),
+        )
+        for i, spec in enumerate(specs)
+    ]
+    mm2_per_px = mpp_x * mpp_y / 1e6
+    class_regions = [
+        _class_region(
+            name,
+            classifier.class_colors[k],
+            [(spec, tile) for spec, tile, lab in zip(specs, tiles, labels, strict=True) if lab == k],
+            tile_size=(geometry.tile_width, geometry.tile_height),
+            slide_size=(width, height),
+            mm2_per_px=mm2_per_px,
+        )
+        for k, name in enumerate(class_names)
+    ]
+    analysed = _region_mask(mask, regions)
+    summary = _summary(
+        classifier.background_class,
+        class_regions,
+        tissue_area_mm2=float((mask.mask & analysed).sum()) * _mask_pixel_mm2(mask),
+        analysed_area_mm2=(
+            width * height * mm2_per_px if regions is None else float(analysed.sum()) * _mask_pixel_mm2(mask)
+        ),
+    )
+    return SlideAnalysis(
+        application_id=classifier.application_id,
+        application_version=classifier.version,
+        slide_width=width,
+        slide_height=height,
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+        class_names=class_names,
+        class_colors=list(classifier.class_colors),
+        background_class=classifier.background_class,
+        classifier_tile_px=classifier.tile_px,
+        classifier_mpp=classifier.mpp,
+        tile_width=geometry.tile_width,
+        tile_height=geometry.tile_height,
+        read_level=geometry.level,
+        read_width=geometry.read_width,
+        read_height=geometry.read_height,
+        tiles=tiles,
+        regions=class_regions,
+        summary=summary,
+    )
+
+
+def _classify(
+    slide_path: Path,
+    specs: list[TileSpec],
+    classifier: Classifier,
+    *,
+    tile_workers: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> NDArray[np.float32]:
+    total = len(specs)
+    probabilities = np.zeros((total, len(classifier.class_names)), dtype=np.float32)
+    if progress is not None:
+        progress(0, total)
+    started = last_log = time.monotonic()
+    done = 0
+    for batch, pixels in read_tiles(
+        slide_path, specs, tile_px=classifier.tile_px, batch_size=batch_size, workers=tile_workers
+    ):
+        probabilities[done : done + len(batch)] = classifier.predict(pixels)
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+        now = time.monotonic()
+        if now - last_log >= _LOG_EVERY_S or done == total:
+            last_log = now
+            logger.info("classified %d/%d tiles (%.1f tiles/s)", done, total, done / max(now - started, 1e-6))
+    return probabilities
+
+
+def _inside_regions(specs: list[TileSpec], regions: Sequence[Polygon]) -> list[TileSpec]:
+    if not specs:
+        return specs
+    centres = np.array([spec.centre for spec in specs], dtype=np.float64)
+    keep = np.zeros(len(specs), dtype=bool)
+    for polygon in regions:
+        if len(polygon) >= 3:
+            keep |= points_in_poly(centres, np.asarray(polygon, dtype=np.float64))  # type: ignore[no-untyped-call]
+    return [spec for spec, inside in zip(specs, keep, strict=True) if inside]
+
+
+def _mask_pixel_mm2(mask: TissueMask) -> float:
+    return mask.downsample_x * mask.mpp_x * mask.downsample_y * mask.mpp_y / 1e6
+
+
+def _region_mask(mask: TissueMask, regions: Sequence[Polygon] | None) -> NDArray[np.bool_]:
+    """The analysed area on the tissue mask's grid: everything, or the union of the regions."""
+    if regions is None:
+        return np.ones(mask.mask.shape, dtype=bool)
+    inside = np.zeros(mask.mask.shape, dtype=bool)
+    for polygon in regions:
+        if len(polygon) >= 3:
+            # polygon2mask takes (row, col) vertices and tests pixel centres at integer positions;
+            # mask pixel c has its centre at level-0 x = (c + 0.5)·downsample_x.
+            vertices = np.array([(y / mask.downsample_y - 0.5, x / mask.downsample_x - 0.5) for x, y in polygon])
+            inside |= polygon2mask(mask.mask.shape, vertices)  # type: ignore[no-untyped-call]
+    return inside
+
+
+# --- class regions ---------------------------------------------------------------------------------
+
+
+def class_polygons(
+    grid: NDArray[np.bool_], tile_size: tuple[int, int], slide_size: tuple[int, int]
+) -> list[tuple[list[tuple[float, float]], list[list[tuple[float, float]]], NDArray[np.bool_]]]:
+    """Merge the set tiles of a (rows × cols) grid into polygons in level-0 px.
+
+    One polygon per 4-connected group of tiles: its exterior ring and the rings of its holes, plus
+    the group's own grid mask. Outlines come from marching squares (scikit-image
+    ``find_contours``) on the grid refined ×4, so they run along tile edges and cut each corner by
+    an eighth of a tile; points are clipped to the slide. Rings are closed, exterior
+    counter-clockwise and holes clockwise in the (x, y) plane (GeoJSON's rule).
+    """
+    groups = label(grid, connectivity=1)  # type: ignore[no-untyped-call]
+    polygons = []
+    for group in regionprops(groups):  # type: ignore[no-untyped-call]
+        rows, cols = group.slice
+        member = groups[rows, cols] == group.label
+        # Background is 8-connected to match find_contours' fully_connected="low" for the group.
+        filled = ndimage.binary_fill_holes(member, structure=np.ones((3, 3), dtype=bool))
+        origin = (rows.start, cols.start)
+        exterior = _trace(filled, "low", origin=origin, tile_size=tile_size, slide_size=slide_size)
+        holes_grid = label(filled & ~member, connectivity=2)  # type: ignore[no-untyped-call]
+        holes = [
+            _trace(holes_grid == k, "high", origin=origin, tile_size=tile_size, slide_size=slide_size)
+            for k in range(1, int(holes_grid.max()) + 1)
+        ]
+        full = np.zeros_like(grid)
+        full[rows, cols] = member
+        polygons.append((_oriented(exterior, ccw=True), [_oriented(h, ccw=False) for h in holes], full))
+    return polygons
+
+
+def _trace(
+    mask: NDArray[np.bool_],
+    connectivity: str,
+    *,
+    origin: tuple[int, int],
+    tile_size: tuple[int, int],
+    slide_size: tuple[int, int],
+) -> list[tuple[float, float]]:
+    """The outline of one connected blob of ``mask`` (whose [0, 0] is grid (row, col) ``origin``) as
+    a closed ring in level-0 px."""
+    refined = np.kron(mask, np.ones((_REFINE, _REFINE), dtype=np.uint8)).astype(np.float32)
+    padded = np.pad(refined, 1)
+    contours = find_contours(padded, 0.5, fully_connected=connectivity)  # type: ignore[no-untyped-call]
+    contour = max(contours, key=len)  # one blob → one contour; max() guards against noise
+    contour = approximate_polygon(contour, tolerance=0.01)  # type: ignore[no-untyped-call]
+    # Refined cell i (after removing the pad) covers grid [i/R, (i+1)/R); its centre is at (i+0.5)/R.
+    grid_rows = (contour[:, 0] - 1 + 0.5) / _REFINE + origin[0]
+    grid_cols = (contour[:, 1] - 1 + 0.5) / _REFINE + origin[1]
+    xs = np.clip(grid_cols * tile_size[0], 0, slide_size[0])
+    ys = np.clip(grid_rows * tile_size[1], 0, slide_size[1])
+    ring: list[tuple[float, float]] = []
+    for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+        point = (round(x, 2), round(y, 2))
+        if not ring or ring[-1] != point:
+            ring.append(point)
+    if ring[0] != ring[-1]:
+        ring.append(ring[0])
+    return ring
+
+
+def _signed_area(ring: list[tuple[float, float]]) -> float:
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in itertools.pairwise(ring))
+
+
+def _oriented(ring: list[tuple[float, float]], *, ccw: bool) -> list[tuple[float, float]]:
+    return ring if (_signed_area(ring) > 0) == ccw else ring[::-1]
+
+
+def _class_region(
+    name: str,
+    color: tuple[int, int, int],
+    members: list[tuple[TileSpec, TileResult]],
+    *,
+    tile_size: tuple[int, int],
+    slide_size: tuple[int, int],
+    mm2_per_px: float,
+) -> ClassRegion:
+    tile_area = {(spec.row, spec.col): tile.width * tile.height * mm2_per_px for spec, tile in members}
+    polygons: list[RegionPolygon] = []
+    if members:
+        rows = max(spec.row for spec, _ in members) + 1
+        cols = max(spec.col for spec, _ in members) + 1
+        grid = np.zeros((rows, cols), dtype=bool)
+        for spec, _ in members:
+            grid[spec.row, spec.col] = True
+        for exterior, holes, group in class_polygons(grid, tile_size, slide_size):
+            # The area of a polygon is that of its tiles (clipped to the slide), not of the traced
+            # outline, whose corners are cut.
+            area = sum(tile_area[(int(r), int(c))] for r, c in zip(*np.nonzero(group), strict=True))
+            if len(exterior) >= 4:
+                polygons.append(
+                    RegionPolygon(exterior=exterior, holes=[h for h in holes if len(h) >= 4], area_mm2=area)
+                )
+    return ClassRegion(
+        label=name,
+        color=color,
+        polygons=polygons,
+        tile_count=len(members),
+        area_mm2=sum(tile_area.values()),
+    )
+
+
+def _summary(
+    background: str | None,
+    regions: list[ClassRegion],
+    *,
+    tissue_area_mm2: float,
+    analysed_area_mm2: float,
+) -> AnalysisSummary:
+    counts = {region.label: region.tile_count for region in regions}
+    total = sum(counts.values())
+    foreground = {name: n for name, n in counts.items() if name != background}
+    foreground_total = sum(foreground.values())
+    return AnalysisSummary(
+        tile_count=total,
+        tile_counts=counts,
+        class_fractions={name: (n / total if total else 0.0) for name, n in counts.items()},
+        tissue_class_fractions=(
+            {name: n / foreground_total for name, n in foreground.items()}
+            if background is not None and foreground_total
+            else {}
+        ),
+        class_areas_mm2={region.label: region.area_mm2 for region in regions},
+        tissue_area_mm2=tissue_area_mm2,
+        analysed_area_mm2=analysed_area_mm2,
+    )
