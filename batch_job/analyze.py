@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,7 +34,8 @@ _LOG_EVERY_S = 5.0
 # 1/(2·refine) of a tile (see ``class_polygons``).
 _REFINE = 4
 
-Polygon = list[tuple[float, float]]
+Polygon = list[tuple[float, float]]  # level-0 px (x, y)
+Ring = list[tuple[float, float]]  # a closed polygon ring in level-0 px (x, y)
 
 
 def analyze_slide(
@@ -74,7 +76,7 @@ def analyze_slide(
     )
 
     class_names = list(classifier.class_names)
-    labels = probabilities.argmax(axis=1) if len(specs) else np.zeros(0, dtype=np.int64)
+    labels = probabilities.argmax(axis=1)
     tiles = [
         TileResult(
             x=spec.x,
@@ -103,10 +105,8 @@ def analyze_slide(
     summary = _summary(
         classifier.background_class,
         class_regions,
-        tissue_area_mm2=float((mask.mask & analysed).sum()) * _mask_pixel_mm2(mask),
-        analysed_area_mm2=(
-            width * height * mm2_per_px if regions is None else float(analysed.sum()) * _mask_pixel_mm2(mask)
-        ),
+        tissue_area_mm2=float((mask.mask & analysed).sum()) * mask.pixel_mm2,
+        analysed_area_mm2=width * height * mm2_per_px if regions is None else float(analysed.sum()) * mask.pixel_mm2,
     )
     return SlideAnalysis(
         application_id=classifier.application_id,
@@ -167,12 +167,8 @@ def _inside_regions(specs: list[TileSpec], regions: Sequence[Polygon]) -> list[T
     keep = np.zeros(len(specs), dtype=bool)
     for polygon in regions:
         if len(polygon) >= 3:
-            keep |= points_in_poly(centres, np.asarray(polygon, dtype=np.float64))  # type: ignore[no-untyped-call]
+            keep |= points_in_poly(centres, np.asarray(polygon, dtype=np.float64))
     return [spec for spec, inside in zip(specs, keep, strict=True) if inside]
-
-
-def _mask_pixel_mm2(mask: TissueMask) -> float:
-    return mask.downsample_x * mask.mpp_x * mask.downsample_y * mask.mpp_y / 1e6
 
 
 def _region_mask(mask: TissueMask, regions: Sequence[Polygon] | None) -> NDArray[np.bool_]:
@@ -185,41 +181,47 @@ def _region_mask(mask: TissueMask, regions: Sequence[Polygon] | None) -> NDArray
             # polygon2mask takes (row, col) vertices and tests pixel centres at integer positions;
             # mask pixel c has its centre at level-0 x = (c + 0.5)·downsample_x.
             vertices = np.array([(y / mask.downsample_y - 0.5, x / mask.downsample_x - 0.5) for x, y in polygon])
-            inside |= polygon2mask(mask.mask.shape, vertices)  # type: ignore[no-untyped-call]
+            inside |= polygon2mask(mask.mask.shape, vertices)
     return inside
 
 
 # --- class regions ---------------------------------------------------------------------------------
 
 
+class TracedPolygon(NamedTuple):
+    exterior: Ring  # level-0 px, closed, counter-clockwise in (x, y)
+    holes: list[Ring]  # closed, clockwise
+    tiles: NDArray[np.bool_]  # the group's tiles on the whole grid
+
+
 def class_polygons(
     grid: NDArray[np.bool_], tile_size: tuple[int, int], slide_size: tuple[int, int]
-) -> list[tuple[list[tuple[float, float]], list[list[tuple[float, float]]], NDArray[np.bool_]]]:
+) -> list[TracedPolygon]:
     """Merge the set tiles of a (rows × cols) grid into polygons in level-0 px.
 
     One polygon per 4-connected group of tiles: its exterior ring and the rings of its holes, plus
-    the group's own grid mask. Outlines come from marching squares (scikit-image
+    the group's tiles. Outlines come from marching squares (scikit-image
     ``find_contours``) on the grid refined ×4, so they run along tile edges and cut each corner by
     an eighth of a tile; points are clipped to the slide. Rings are closed, exterior
     counter-clockwise and holes clockwise in the (x, y) plane (GeoJSON's rule).
     """
-    groups = label(grid, connectivity=1)  # type: ignore[no-untyped-call]
+    groups = label(grid, connectivity=1)
     polygons = []
-    for group in regionprops(groups):  # type: ignore[no-untyped-call]
+    for group in regionprops(groups):
         rows, cols = group.slice
         member = groups[rows, cols] == group.label
         # Background is 8-connected to match find_contours' fully_connected="low" for the group.
         filled = ndimage.binary_fill_holes(member, structure=np.ones((3, 3), dtype=bool))
         origin = (rows.start, cols.start)
         exterior = _trace(filled, "low", origin=origin, tile_size=tile_size, slide_size=slide_size)
-        holes_grid = label(filled & ~member, connectivity=2)  # type: ignore[no-untyped-call]
+        holes_grid = label(filled & ~member, connectivity=2)
         holes = [
             _trace(holes_grid == k, "high", origin=origin, tile_size=tile_size, slide_size=slide_size)
             for k in range(1, int(holes_grid.max()) + 1)
         ]
         full = np.zeros_like(grid)
         full[rows, cols] = member
-        polygons.append((_oriented(exterior, ccw=True), [_oriented(h, ccw=False) for h in holes], full))
+        polygons.append(TracedPolygon(_oriented(exterior, ccw=True), [_oriented(h, ccw=False) for h in holes], full))
     return polygons
 
 
@@ -230,20 +232,20 @@ def _trace(
     origin: tuple[int, int],
     tile_size: tuple[int, int],
     slide_size: tuple[int, int],
-) -> list[tuple[float, float]]:
+) -> Ring:
     """The outline of one connected blob of ``mask`` (whose [0, 0] is grid (row, col) ``origin``) as
     a closed ring in level-0 px."""
     refined = np.kron(mask, np.ones((_REFINE, _REFINE), dtype=np.uint8)).astype(np.float32)
     padded = np.pad(refined, 1)
-    contours = find_contours(padded, 0.5, fully_connected=connectivity)  # type: ignore[no-untyped-call]
+    contours = find_contours(padded, 0.5, fully_connected=connectivity)
     contour = max(contours, key=len)  # one blob → one contour; max() guards against noise
-    contour = approximate_polygon(contour, tolerance=0.01)  # type: ignore[no-untyped-call]
+    contour = approximate_polygon(contour, tolerance=0.01)
     # Refined cell i (after removing the pad) covers grid [i/R, (i+1)/R); its centre is at (i+0.5)/R.
     grid_rows = (contour[:, 0] - 1 + 0.5) / _REFINE + origin[0]
     grid_cols = (contour[:, 1] - 1 + 0.5) / _REFINE + origin[1]
     xs = np.clip(grid_cols * tile_size[0], 0, slide_size[0])
     ys = np.clip(grid_rows * tile_size[1], 0, slide_size[1])
-    ring: list[tuple[float, float]] = []
+    ring: Ring = []
     for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
         point = (round(x, 2), round(y, 2))
         if not ring or ring[-1] != point:
@@ -253,11 +255,11 @@ def _trace(
     return ring
 
 
-def _signed_area(ring: list[tuple[float, float]]) -> float:
+def _signed_area(ring: Ring) -> float:
     return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in itertools.pairwise(ring))
 
 
-def _oriented(ring: list[tuple[float, float]], *, ccw: bool) -> list[tuple[float, float]]:
+def _oriented(ring: Ring, *, ccw: bool) -> Ring:
     return ring if (_signed_area(ring) > 0) == ccw else ring[::-1]
 
 

@@ -8,6 +8,7 @@ SYSTEM_ERROR on the last one; anything else → SYSTEM_ERROR.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -19,6 +20,7 @@ from batch_job.classifiers import get_classifier
 from batch_job.fetch import download
 from batch_job.render import write_artifacts
 from batch_job.slide import open_slide, prepare_slide
+from batch_job.tiles import auto_workers
 from slidebridge.artifacts import ArtifactStore
 from slidebridge.errors import IllegalTransitionError, RetryableError, UserInputError
 from slidebridge.outbound import OutboundPolicy
@@ -203,7 +205,7 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
     analysis = analyze_slide(
         slide_path,
         classifier,
-        tile_workers=settings.tile_workers,
+        tile_workers=auto_workers(settings.tile_workers),
         batch_size=settings.classifier_batch_size,
     )
     timer.start("artifacts")
@@ -216,11 +218,20 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
         key = ctx.artifacts.key_for(run.run_id, item.item_id, rendered_artifact.path.name)
         metadata = ctx.artifacts.upload(rendered_artifact.path, key, rendered_artifact.media_type)
         outputs.append(OutputArtifact(name=rendered_artifact.name, s3_key=key, metadata=metadata))
+    seconds = timer.stop()
+    tiles_per_s = len(analysis.tiles) / seconds["analyse"] if seconds.get("analyse") else 0.0
+    # One machine-readable line per item: operators grep it, bench/slide.py parses it.
     logger.info(
-        "item %d of run %s analysed: %d tiles; seconds per stage %s",
-        item.index,
-        run.run_id,
-        len(analysis.tiles),
-        timer.stop(),
+        "item metrics %s",
+        json.dumps(
+            {
+                "run_id": run.run_id,
+                "item_index": item.index,
+                "tiles": len(analysis.tiles),
+                "tiles_per_s": round(tiles_per_s, 1),
+                "seconds": seconds,
+                "slide_px": [analysis.slide_width, analysis.slide_height],
+            }
+        ),
     )
     return outputs

@@ -294,9 +294,14 @@ class TissueMask:
     mpp_y: float
 
     @property
+    def pixel_mm2(self) -> float:
+        """Area of one mask pixel."""
+        return self.downsample_x * self.mpp_x * self.downsample_y * self.mpp_y / 1e6
+
+    @property
     def area_mm2(self) -> float:
-        pixel_mm2 = self.downsample_x * self.mpp_x * self.downsample_y * self.mpp_y / 1e6
-        return float(self.mask.sum()) * pixel_mm2
+        """Area of the detected tissue."""
+        return float(self.mask.sum()) * self.pixel_mm2
 
     def fractions(
         self, x: NDArray[np.float64], y: NDArray[np.float64], width: float, height: float
@@ -336,17 +341,18 @@ def detect_tissue(
     """
     mpp_x, mpp_y = slide_mpp(slide)
     width, height = slide.dimensions
-    # Square mask pixels at the coarser axis; never finer than level 0, never more than ~4096 px wide.
+    # Mask pixels square in level-0 px, at least target_mpp µm along both axes; never finer than
+    # level 0, and the mask at most ~4096 px wide.
     downsample = max(1.0, target_mpp / min(mpp_x, mpp_y), max(width, height) / 4096.0)
     rgb = read_downsampled(slide, downsample)
     hsv = rgb2hsv(rgb)
     saturation, value = hsv[..., 1], hsv[..., 2]
     try:
-        threshold = max(float(threshold_otsu(saturation)), min_saturation)  # type: ignore[no-untyped-call]
+        threshold = max(float(threshold_otsu(saturation)), min_saturation)
     except ValueError:  # a single-valued image
         threshold = min_saturation
     mask = (saturation > threshold) & (value > 0.15)
-    structure = disk(2)  # type: ignore[no-untyped-call]
+    structure = disk(2)
     mask = ndimage.binary_opening(mask, structure=structure)
     mask = ndimage.binary_closing(mask, structure=structure, border_value=0)
     pixel_mm2 = downsample * mpp_x * downsample * mpp_y / 1e6

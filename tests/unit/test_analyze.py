@@ -109,8 +109,8 @@ def test_class_polygons_merge_tiles_and_keep_holes():
     grid[4, 4] = grid[5, 5] = True  # touching only at a corner: two separate polygons
     polygons = class_polygons(grid, (100, 100), (600, 600))
     assert len(polygons) == 3
-    ring = next(p for p in polygons if p[2].sum() == 8)
-    exterior, holes, _ = ring
+    ring = next(p for p in polygons if p.tiles.sum() == 8)
+    exterior, holes = ring.exterior, ring.holes
     assert exterior[0] == exterior[-1]
     assert len(holes) == 1
     centre_of_missing_tile = np.array([[150.0, 150.0]])
