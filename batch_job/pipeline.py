@@ -17,7 +17,7 @@ from pathlib import Path
 
 from batch_job.analyze import analyze_slide
 from batch_job.classifiers import get_classifier
-from batch_job.fetch import download
+from batch_job.destinations import Destination, destination_for
 from batch_job.render import write_artifacts
 from batch_job.slide import open_slide, prepare_slide
 from batch_job.tiles import auto_workers
@@ -108,18 +108,21 @@ def process_item(ctx: JobContext, run: Run, item: Item) -> int:
         except IllegalTransitionError:
             logger.info("item %d of run %s was closed meanwhile; skipping", item.index, run.run_id)
             return EXIT_DONE
+    destination = destination_for(run, ctx.store, ctx.settings, ctx.policy)
     workdir = ctx.settings.scratch_dir / run.run_id / str(item.index)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     log = {"run_id": run.run_id, "item_index": item.index, "item_id": item.item_id}
     try:
-        outputs = _analyse(ctx, run, item, workdir)
+        outputs = _analyse(ctx, run, item, workdir, destination)
     except UserInputError as exc:
         logger.warning("item failed on its input: %s (%s)", exc.code, exc.message, extra=log)
+        destination.on_failure(f"Analysis failed: {exc.message}")
         return _close(ctx, run, item, ItemTerminationReason.USER_ERROR, code=exc.code, message=exc.message)
     except RetryableError as exc:
         if ctx.last_attempt:
             logger.error("transient failure on the last attempt: %s", exc, extra=log)
+            destination.on_failure("Analysis failed: system error (a service did not answer); please try again")
             return _close(
                 ctx,
                 run,
@@ -137,6 +140,7 @@ def process_item(ctx: JobContext, run: Run, item: Item) -> int:
         return EXIT_RETRYABLE
     except Exception as exc:
         logger.exception("item failed on our side", extra=log)
+        destination.on_failure(f"Analysis failed: system error ({type(exc).__name__}); please try again")
         return _close(
             ctx,
             run,
@@ -176,28 +180,19 @@ def _close(
         # Cancelled while we worked: the cancellation stands and our result is dropped.
         logger.info("item %d of run %s was closed meanwhile; result dropped", item.index, run.run_id)
         return EXIT_DONE
+    if ctx.store.get_run(run.run_id).state is RunState.TERMINATED:
+        # Vendor credentials outlive the run only briefly (DynamoDB TTL removes them).
+        ctx.store.expire_credentials(run.run_id, ctx.settings.credential_ttl_after_run_s)
     return exit_code
 
 
-def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[OutputArtifact]:
+def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path, destination: Destination) -> list[OutputArtifact]:
     timer = StageTimer()
     settings = ctx.settings
     timer.start("download")
     inputs = workdir / "input"
     inputs.mkdir()
-    paths: list[Path] = []
-    for number, artifact in enumerate(item.input_artifacts):
-        result = download(
-            artifact.download_url,
-            inputs / f"{number:03d}",
-            policy=ctx.policy,
-            expected_crc32c_b64=artifact.metadata.get("checksum_base64_crc32c"),
-            part_size=settings.download_part_size_mb * 1024 * 1024,
-            concurrency=settings.download_concurrency,
-            timeout_s=settings.http_timeout_s,
-            verify=str(settings.ca_bundle) if settings.ca_bundle else True,
-        )
-        paths.append(result.path)
+    paths = destination.fetch_inputs(item, inputs)
     timer.start("open")
     slide_path = prepare_slide(paths, workdir / "slide")
     classifier = get_classifier(run.application_id, run.version_number)
@@ -207,6 +202,8 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
         classifier,
         tile_workers=auto_workers(settings.tile_workers),
         batch_size=settings.classifier_batch_size,
+        progress=destination.on_progress,
+        regions=destination.regions(),
     )
     timer.start("artifacts")
     out_dir = workdir / "out"
@@ -218,6 +215,8 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path) -> list[Outpu
         key = ctx.artifacts.key_for(run.run_id, item.item_id, rendered_artifact.path.name)
         metadata = ctx.artifacts.upload(rendered_artifact.path, key, rendered_artifact.media_type)
         outputs.append(OutputArtifact(name=rendered_artifact.name, s3_key=key, metadata=metadata))
+    timer.start("delivery")
+    destination.deliver(analysis)
     seconds = timer.stop()
     tiles_per_s = len(analysis.tiles) / seconds["analyse"] if seconds.get("analyse") else 0.0
     # One machine-readable line per item: operators grep it, bench/slide.py parses it.

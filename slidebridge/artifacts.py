@@ -44,6 +44,9 @@ class ArtifactStore:
         )
         return ArtifactMetadata(media_type=media_type, size_bytes=path.stat().st_size, checksum_base64_crc32c=checksum)
 
+    def put_bytes(self, key: str, data: bytes, media_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=media_type)
+
     def presigned_get(self, key: str, expires_in_s: int) -> str:
         url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in_s

@@ -167,9 +167,10 @@ def launcher_from_settings(settings: Settings) -> JobLauncher:
             store = RunStore(settings.table_name)
 
             def close_books(run_id: str, reason: str) -> None:
-                store.fail_open_items(
-                    run_id, indices=None, error_code="JOB_FAILED", error_message=f"the processing job failed: {reason}"
-                )
+                # Imported here: slidebridge.jobs reaches the vendor writers, which import this module's users.
+                from slidebridge.jobs import close_failed_job  # noqa: PLC0415
+
+                close_failed_job(store, settings, run_id, indices=None, reason=reason)
 
             _process_launcher = ProcessLauncher(settings.batch_max_attempts, on_job_failed=close_books)
         return _process_launcher

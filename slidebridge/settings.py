@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # S3 key prefixes: slides in transit are removed by a lifecycle rule sooner than artifacts.
     slides_prefix: str = "slides/"
     artifacts_prefix: str = "artifacts/"
+    # Pathologists' corrections (Sectra modify), kept for model improvement.
+    feedback_prefix: str = "feedback/"
     # Lifetime of a presigned artifact URL handed out by GET .../file (seconds).
     artifact_url_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
 
@@ -71,6 +73,23 @@ class Settings(BaseSettings):
     techcyte_client_id: str | None = None
     techcyte_client_secret: SecretStr | None = None
     techcyte_credentials_secret_arn: str | None = None
+
+    # The public base URL of this deployment (API Gateway stage or custom domain), used to build the
+    # registration URL Sectra's admin pastes in. Unset: derived from the request's Host header.
+    public_url: str | None = None
+
+    # --- Sectra -----------------------------------------------------------------------------------
+    sectra_application_id: str = "he-tissue"
+    sectra_display_name: str = "slidebridge H&E tissue"
+    sectra_manufacturer: str = "slidebridge"
+    sectra_input_type: Literal["wholeSlide", "taggedPolygon", "multiArea"] = "wholeSlide"
+    # Registration context, echoed by Sectra on every call: {"output": "patches"} for a patch gallery,
+    # {"autoRun": true} to analyse every newly imported slide. JSON text.
+    sectra_context: str = "{}"
+    # Progress upserts at these percentages of tiles done.
+    sectra_progress_steps: str = "25,50,75"
+    # The callback token is kept this long after the run ends, then DynamoDB's TTL removes it.
+    credential_ttl_after_run_s: int = Field(default=3600, ge=0)
 
     # --- application -------------------------------------------------------------------------
     default_application_id: str = "he-tissue"

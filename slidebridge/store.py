@@ -507,6 +507,78 @@ class RunStore:
             return new_item
         raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
 
+    def update_vendor_context(self, run_id: str, changes: dict[str, Any]) -> Run:
+        """Merge ``changes`` into the run's vendor context (e.g. the Sectra result's new versionId)."""
+        return self._update_run(
+            run_id, lambda run: run.model_copy(update={"vendor_context": {**run.vendor_context, **changes}})
+        )
+
+    # --- aliases and credentials --------------------------------------------------------------
+
+    def put_alias(self, key: str, run_id: str) -> None:
+        """Point a lookup key (a vendor's result id, a slide) at a run; the latest write wins."""
+        self.client.put_item(
+            TableName=self.table_name,
+            Item={"pk": {"S": f"ALIAS#{key}"}, "sk": {"S": "ALIAS"}, "run_id": {"S": run_id}},
+        )
+
+    def find_alias(self, key: str) -> str | None:
+        response = self.client.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"ALIAS#{key}"}, "sk": {"S": "ALIAS"}},
+            ConsistentRead=True,
+        )
+        record = response.get("Item")
+        return record["run_id"]["S"] if record else None
+
+    def put_credential(self, run_id: str, name: str, value: str, *, expires_at: datetime | None = None) -> None:
+        """Store a vendor credential apart from the run record (never in the run's doc or in logs).
+
+        The table is encrypted at rest with the stack's KMS key; ``expires_at`` feeds DynamoDB's TTL.
+        """
+        item: dict[str, Any] = {
+            "pk": {"S": f"RUN#{run_id}"},
+            "sk": {"S": f"CRED#{name}"},
+            "value": {"S": value},
+        }
+        if expires_at is not None:
+            item[TTL_ATTRIBUTE] = {"N": str(int(expires_at.timestamp()))}
+        self.client.put_item(TableName=self.table_name, Item=item)
+
+    def get_credential(self, run_id: str, name: str) -> str | None:
+        response = self.client.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"CRED#{name}"}},
+            ConsistentRead=True,
+        )
+        record = response.get("Item")
+        if record is None:
+            return None
+        expires = record.get(TTL_ATTRIBUTE)
+        # DynamoDB deletes expired items lazily (up to days later): treat them as gone already.
+        if expires is not None and int(expires["N"]) < int(utcnow().timestamp()):
+            return None
+        value: str = record["value"]["S"]
+        return value
+
+    def expire_credentials(self, run_id: str, after_s: int) -> None:
+        """Let the run's credentials expire ``after_s`` seconds from now (called once the run ends)."""
+        expires_at = int(utcnow().timestamp()) + after_s
+        response = self.client.query(
+            TableName=self.table_name,
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
+            ExpressionAttributeValues={":pk": {"S": f"RUN#{run_id}"}, ":prefix": {"S": "CRED#"}},
+            ConsistentRead=True,
+        )
+        for record in response.get("Items", []):
+            self.client.update_item(
+                TableName=self.table_name,
+                Key={"pk": record["pk"], "sk": record["sk"]},
+                UpdateExpression="SET #ttl = :ttl",
+                ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={":ttl": {"N": str(expires_at)}},
+            )
+
     # --- listing ------------------------------------------------------------------------------
 
     def iter_runs(self, organization_id: str, *, newest_first: bool = True) -> Iterator[Run]:

@@ -10,6 +10,8 @@ from slidebridge.outbound import OutboundPolicy
 from slidebridge.platform import PlatformService
 from slidebridge.settings import get_settings
 from slidebridge.store import RunStore
+from slidebridge.vendors.sectra_service import SectraService
+from slidebridge.webhook_keys import WebhookKeys
 
 
 @lru_cache(maxsize=1)
@@ -29,8 +31,32 @@ def platform_service() -> PlatformService:
     )
 
 
+@lru_cache(maxsize=1)
+def webhook_keys() -> WebhookKeys:
+    return WebhookKeys(get_settings())
+
+
+@lru_cache(maxsize=1)
+def sectra_service() -> SectraService:
+    settings = get_settings()
+    artifacts = ArtifactStore(settings.bucket_name, prefix=settings.feedback_prefix)
+
+    def write_feedback(owner: str, name: str, data: bytes) -> None:
+        artifacts.put_bytes(artifacts.key_for(owner, "sectra", name), data, "application/json")
+
+    return SectraService(
+        settings,
+        run_store(),
+        launcher_from_settings(settings),
+        OutboundPolicy.from_settings(settings),
+        feedback_writer=write_feedback,
+    )
+
+
 def reset() -> None:
     """Forget cached collaborators (tests change settings between cases)."""
     get_settings.cache_clear()
     run_store.cache_clear()
     platform_service.cache_clear()
+    webhook_keys.cache_clear()
+    sectra_service.cache_clear()

@@ -1,6 +1,7 @@
 """The ``api`` Lambda: API Gateway REST proxy → Powertools resolver with one router per front door.
 
-Domain errors map to HTTP here and nowhere else.
+Domain errors map to HTTP here and nowhere else. Platform API errors use FastAPI's shapes
+(``{"detail": …}``); Sectra's routes answer ``{"error": …}`` with our X-Sectra-* headers.
 """
 
 from __future__ import annotations
@@ -11,61 +12,112 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from lambdas.api import platform_routes
-from lambdas.api.http import AuthenticationError, RequestValidationError, error_response, json_response
+from lambdas.api import platform_routes, sectra_routes
+from lambdas.api.http import (
+    AuthenticationError,
+    RequestValidationError,
+    UnknownWebhookKeyError,
+    json_response,
+)
 from slidebridge.errors import (
     ConflictError,
     IllegalTransitionError,
     NotFoundError,
+    SlidebridgeError,
+    UrlNotAllowedError,
     ValidationFailedError,
 )
 from slidebridge.platform import ArtifactGoneError
+from slidebridge.vendors.sectra import SectraAuthError, SectraError
 
 logger = Logger(service="slidebridge")
-app = APIGatewayRestResolver(strip_prefixes=None)
+app = APIGatewayRestResolver()
 app.include_router(platform_routes.router)
+app.include_router(sectra_routes.router)
+
+
+def _is_sectra() -> bool:
+    return app.current_event.path.startswith("/hooks/sectra/")
+
+
+def error(status: int, message: str, *, detail: Any = None) -> Response[str]:
+    if _is_sectra():
+        response = json_response(status, {"error": message})
+        response.headers.update(sectra_routes.sectra_headers())
+        return response
+    return json_response(status, {"detail": detail if detail is not None else message})
 
 
 @app.exception_handler(RequestValidationError)
 def on_request_validation(exc: RequestValidationError) -> Response[str]:
-    return json_response(422, {"detail": exc.errors})
+    first = exc.errors[0] if exc.errors else {"loc": ["body"], "msg": "invalid"}
+    where = ".".join(str(p) for p in first["loc"])
+    return error(422, f"invalid request: {where}: {first['msg']}", detail=exc.errors)
 
 
 @app.exception_handler(ValidationFailedError)
 def on_validation_failed(exc: ValidationFailedError) -> Response[str]:
-    return error_response(400, exc.message)
+    return error(400, exc.message)
+
+
+@app.exception_handler(UrlNotAllowedError)
+def on_url_not_allowed(exc: UrlNotAllowedError) -> Response[str]:
+    # Sectra: callbackInfo.url outside the per-site allowlist; nothing stored, nothing sent to it.
+    return error(403, exc.message)
 
 
 @app.exception_handler(AuthenticationError)
 def on_authentication(exc: AuthenticationError) -> Response[str]:
-    response = error_response(401, str(exc))
+    response = error(401, str(exc))
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
+@app.exception_handler(UnknownWebhookKeyError)
+def on_unknown_key(_exc: UnknownWebhookKeyError) -> Response[str]:
+    return error(404, "not found")
+
+
 @app.exception_handler(ArtifactGoneError)
 def on_gone(exc: ArtifactGoneError) -> Response[str]:
-    return error_response(410, str(exc))
+    return error(410, str(exc))
 
 
 @app.exception_handler(NotFoundError)
 def on_not_found(exc: NotFoundError) -> Response[str]:
-    return error_response(404, str(exc))
+    return error(404, str(exc))
 
 
 @app.exception_handler(IllegalTransitionError)
 def on_illegal_transition(exc: IllegalTransitionError) -> Response[str]:
-    return error_response(409, str(exc))
+    return error(409, str(exc))
 
 
 @app.exception_handler(ConflictError)
 def on_conflict(exc: ConflictError) -> Response[str]:
-    return error_response(409, str(exc))
+    return error(409, str(exc))
+
+
+@app.exception_handler(SectraAuthError)
+def on_sectra_auth(exc: SectraAuthError) -> Response[str]:
+    return error(502, f"Sectra refused our callback token: {exc}")
+
+
+@app.exception_handler(SectraError)
+def on_sectra_error(exc: SectraError) -> Response[str]:
+    logger.warning("sectra call failed", extra={"error": str(exc)})
+    return error(502, f"could not reach the Sectra server: {exc}")
+
+
+@app.exception_handler(SlidebridgeError)
+def on_other_domain_error(exc: SlidebridgeError) -> Response[str]:
+    logger.exception("unhandled domain error")
+    return error(500, "internal error")
 
 
 @app.not_found
 def on_unknown_route(_exc: Exception) -> Response[str]:
-    return error_response(404, f"no route for {app.current_event.http_method} {app.current_event.path}")
+    return error(404, f"no route for {app.current_event.http_method} {app.current_event.path}")
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -22,6 +22,10 @@ class AuthenticationError(SlidebridgeError):
     """No valid credentials (HTTP 401)."""
 
 
+class UnknownWebhookKeyError(SlidebridgeError):
+    """A webhook path key that matches no vendor's key (HTTP 404, nothing touched)."""
+
+
 class RequestValidationError(SlidebridgeError):
     """The request's shape is wrong (HTTP 422 with FastAPI's ``HTTPValidationError`` body)."""
 
@@ -69,17 +73,10 @@ def parse_body(event: APIGatewayProxyEvent, model: type[ModelT]) -> ModelT:
                     "loc": ["body", *error["loc"]],
                     "msg": error["msg"],
                     "type": error["type"],
-                    "input": _truncate(error.get("input")),
                 }
                 for error in exc.errors(include_url=False, include_context=False)
             ]
         ) from exc
-
-
-def _truncate(value: Any) -> Any:
-    # Echo small inputs back to help the caller; never large blobs.
-    text = json.dumps(value, default=str)
-    return value if len(text) <= 200 else text[:200] + "…"
 
 
 def require_uuid(name: str, value: str) -> str:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lambdas.api.deps import run_store
 from slidebridge.errors import NotFoundError
+from slidebridge.jobs import close_failed_job
+from slidebridge.settings import get_settings
 
 logger = Logger(service="slidebridge")
 
@@ -41,11 +43,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     index = detail.array_properties.get("index")
     indices = [int(index)] if index is not None else None
     try:
-        ended = run_store().fail_open_items(
-            run_id,
-            indices=indices,
-            error_code="JOB_FAILED",
-            error_message=f"the processing job failed: {detail.status_reason or 'no reason given'}",
+        ended = close_failed_job(
+            run_store(), get_settings(), run_id, indices=indices, reason=detail.status_reason or "no reason given"
         )
     except NotFoundError:
         logger.warning("job for unknown run", extra={"run_id": run_id, "job_id": detail.job_id})

@@ -1,0 +1,161 @@
+"""Where an item's input comes from and where its result goes, by run source.
+
+- Platform: inputs from the submitted presigned URLs; the result is the S3 artifacts alone.
+- Sectra: the slide through Sectra's file API; progress and the final result upserted into the
+  viewer, failures shown there too (vendors/SECTRA.md §5, §7).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from batch_job.fetch import download
+from slidebridge.analysis import SlideAnalysis
+from slidebridge.outbound import OutboundPolicy
+from slidebridge.runs import Item, Run, RunSource
+from slidebridge.settings import Settings
+from slidebridge.store import RunStore
+from slidebridge.vendors.sectra import (
+    SectraClient,
+    patch_collection_result,
+    primitive_result,
+    progress_result,
+    regions_to_level0,
+)
+from slidebridge.vendors.sectra_writer import SectraResultWriter
+
+logger = logging.getLogger(__name__)
+
+Polygon = list[tuple[float, float]]
+
+
+class Destination(Protocol):
+    def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
+        """Download the item's slide file(s) into ``inputs_dir``."""
+        ...
+
+    def regions(self) -> list[Polygon] | None:
+        """Polygons in level-0 px to restrict the analysis to; None = the whole slide."""
+        ...
+
+    def on_progress(self, done: int, total: int) -> None: ...
+
+    def deliver(self, analysis: SlideAnalysis) -> None: ...
+
+    def on_failure(self, message: str) -> None: ...
+
+
+class PlatformDestination:
+    def __init__(self, settings: Settings, policy: OutboundPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+
+    def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
+        paths: list[Path] = []
+        for number, artifact in enumerate(item.input_artifacts):
+            result = download(
+                artifact.download_url,
+                inputs_dir / f"{number:03d}",
+                policy=self.policy,
+                expected_crc32c_b64=artifact.metadata.get("checksum_base64_crc32c"),
+                part_size=self.settings.download_part_size_mb * 1024 * 1024,
+                concurrency=self.settings.download_concurrency,
+                timeout_s=self.settings.http_timeout_s,
+                verify=str(self.settings.ca_bundle) if self.settings.ca_bundle else True,
+            )
+            paths.append(result.path)
+        return paths
+
+    def regions(self) -> list[Polygon] | None:
+        return None
+
+    def on_progress(self, done: int, total: int) -> None:
+        # The Platform API reports progress through the item states alone.
+        pass
+
+    def deliver(self, analysis: SlideAnalysis) -> None:
+        pass
+
+    def on_failure(self, message: str) -> None:
+        pass
+
+
+class SectraDestination:
+    def __init__(
+        self,
+        run: Run,
+        store: RunStore,
+        settings: Settings,
+        policy: OutboundPolicy,
+        *,
+        client_factory: Callable[[str, str], SectraClient] | None = None,
+    ) -> None:
+        self.run = run
+        self.settings = settings
+        self.writer = SectraResultWriter(
+            store, run.run_id, settings=settings, policy=policy, client_factory=client_factory
+        )
+        self.context = self.writer.context()
+        self.steps = sorted(int(s) for s in settings.allowlist(settings.sectra_progress_steps))
+        self._reported = 0
+
+    def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
+        return self.writer.client().download_slide_files(self.context.slide_id, inputs_dir)
+
+    def regions(self) -> list[Polygon] | None:
+        if not self.context.regions:
+            return None
+        # Sectra points are normalised by the image WIDTH (x/W, y/W); level-0 px = value × W.
+        return regions_to_level0(self.context.regions, self.context.width)
+
+    def on_progress(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        percent = done * 100 // total
+        due = [step for step in self.steps if self._reported < step <= percent]
+        if not due:
+            return
+        self._reported = due[-1]
+        try:
+            self.writer.write(
+                lambda c: progress_result(
+                    c.slide_id,
+                    c.width,
+                    c.height,
+                    application_version=self.run.version_number,
+                    progress_pct=self._reported,
+                    context=c.registration_context,
+                )
+            )
+        except Exception:
+            # Progress is a courtesy: a failed progress write must not fail the analysis.
+            logger.warning("progress upsert to Sectra failed at %d %%", self._reported, exc_info=True)
+
+    def deliver(self, analysis: SlideAnalysis) -> None:
+        if self.context.output == "patches":
+            self.writer.write(
+                lambda c: patch_collection_result(
+                    analysis, c.slide_id, application_version=self.run.version_number, context=c.registration_context
+                )
+            )
+        else:
+            self.writer.write(
+                lambda c: primitive_result(
+                    analysis, c.slide_id, application_version=self.run.version_number, context=c.registration_context
+                )
+            )
+
+    def on_failure(self, message: str) -> None:
+        try:
+            self.writer.write_message(message)
+        except Exception:
+            logger.warning("could not tell Sectra that the analysis failed", exc_info=True)
+
+
+def destination_for(run: Run, store: RunStore, settings: Settings, policy: OutboundPolicy) -> Destination:
+    if run.source is RunSource.SECTRA:
+        return SectraDestination(run, store, settings, policy)
+    return PlatformDestination(settings, policy)

@@ -1,0 +1,121 @@
+"""Writes a run's Sectra result in place: progress, final content, failure messages.
+
+Used by the batch job (progress and final upserts) and by ``job_events`` (a job that died). Each
+write re-reads the run first: a result the pathologist deleted is never written again, and the
+latest ``versionId`` is always the one sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from slidebridge.errors import NotFoundError
+from slidebridge.outbound import OutboundPolicy
+from slidebridge.settings import Settings
+from slidebridge.store import RunStore
+from slidebridge.vendors.sectra import ResultPayload, SectraClient, StoredResult, message_result
+
+logger = logging.getLogger(__name__)
+
+CALLBACK_TOKEN = "sectra_callback_token"  # noqa: S105 - the credential's name, not a secret
+
+
+class SectraRunContext(BaseModel):
+    """What the job needs to talk back to Sectra (no credentials: those are stored apart)."""
+
+    application_id: str
+    slide_id: str
+    callback_url: str
+    cancellation_token: str | None = None
+    input_type: str = "wholeSlide"
+    # Normalised Sectra polygons (x and y divided by the image width) to restrict the analysis to.
+    regions: list[list[tuple[float, float]]] = []
+    registration_context: dict[str, Any] = {}
+    width: int
+    height: int
+    result_id: int | str | None = None
+    version_id: str | None = None
+    result_deleted: bool = False
+
+    @property
+    def output(self) -> str:
+        """ "patches" for a patch gallery, else "primitive" (registration context ``{"output": …}``)."""
+        return "patches" if self.registration_context.get("output") == "patches" else "primitive"
+
+
+class SectraResultWriter:
+    def __init__(
+        self,
+        store: RunStore,
+        run_id: str,
+        *,
+        settings: Settings,
+        policy: OutboundPolicy,
+        client_factory: Callable[[str, str], SectraClient] | None = None,
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.settings = settings
+        self.policy = policy
+        self._client_factory = client_factory
+        self._client: SectraClient | None = None
+
+    def context(self) -> SectraRunContext:
+        return SectraRunContext.model_validate(self.store.get_run(self.run_id).vendor_context)
+
+    def client(self) -> SectraClient:
+        if self._client is None:
+            context = self.context()
+            token = self.store.get_credential(self.run_id, CALLBACK_TOKEN)
+            if token is None:
+                raise NotFoundError(f"no Sectra callback token stored for run {self.run_id} (expired?)")
+            if self._client_factory is not None:
+                self._client = self._client_factory(context.callback_url, token)
+            else:
+                self._client = SectraClient(
+                    context.callback_url,
+                    token,
+                    policy=self.policy,
+                    timeout_s=self.settings.http_timeout_s,
+                    ca_bundle=self.settings.ca_bundle,
+                )
+        return self._client
+
+    def write(self, build: Callable[[SectraRunContext], ResultPayload]) -> StoredResult | None:
+        """Upsert the payload ``build`` makes from the current context; None when the result is deleted."""
+        run = self.store.get_run(self.run_id)
+        context = SectraRunContext.model_validate(run.vendor_context)
+        if context.result_deleted:
+            logger.info("sectra result of run %s was deleted; not writing", self.run_id)
+            return None
+        current = (
+            StoredResult.model_validate(run.vendor_context["stored_result"])
+            if context.result_id is not None and run.vendor_context.get("stored_result")
+            else None
+        )
+        stored = self.client().upsert_result(context.application_id, context.slide_id, build(context), current=current)
+        self.store.update_vendor_context(
+            self.run_id,
+            {
+                "result_id": stored.id,
+                "version_id": stored.versionId,
+                "stored_result": stored.model_dump(mode="json", exclude_none=True),
+            },
+        )
+        return stored
+
+    def write_message(self, text: str) -> StoredResult | None:
+        return self.write(
+            lambda c: message_result(
+                c.slide_id,
+                c.width,
+                c.height,
+                application_version=self.settings.default_application_version,
+                text=text,
+                context=c.registration_context,
+            )
+        )
