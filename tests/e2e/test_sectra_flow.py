@@ -21,7 +21,7 @@ from sectra_client.schemas import (
 )
 
 from local.demo import SlideFile, cached_synthetic_slide
-from local.stack import StackProcess
+from local.stack import DEFAULT_BUCKET_NAME, DEFAULT_TABLE_NAME, StackProcess
 from tests.e2e.conftest import SECTRA_KEY
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +53,7 @@ def slide_id(mock: MockSectraServer, sectra_slide: SlideFile) -> str:
         template.model_copy(
             update={
                 "id": slide,
-                "imageSize": Size(width=sectra_slide.width, height=sectra_slide.height),
+                "imageSize": Size(width=sectra_slide.width_px, height=sectra_slide.height_px),
                 "micronsPerPixel": sectra_slide.mpp,
             }
         )
@@ -70,7 +70,7 @@ def hook(local_stack: StackProcess) -> str:
 @pytest.fixture(scope="session")
 def runs_table(local_stack: StackProcess) -> Callable[[], list[dict[str, Any]]]:
     dynamodb = local_stack.aws_client("dynamodb")
-    table = local_stack.env["SLIDEBRIDGE_TABLE_NAME"]
+    table = local_stack.env.get("SLIDEBRIDGE_TABLE_NAME", DEFAULT_TABLE_NAME)
 
     def scan() -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = dynamodb.scan(TableName=table)["Items"]
@@ -160,7 +160,7 @@ def test_create_whole_slide_ends_with_class_polygons_on_the_slide(
     assert final.displayProperties
     points = _points(final)
     assert points, "class polygons expected"
-    ratio = sectra_slide.height / sectra_slide.width
+    ratio = sectra_slide.height_px / sectra_slide.width_px
     assert all(0 <= x <= 1 and 0 <= y <= ratio + 1e-9 for x, y in points)
     assert max(y for _, y in points) > 0.5, "y is divided by the width, so it reaches past 0.5 here"
 
@@ -283,7 +283,7 @@ def test_modify_is_put_and_kept_as_feedback(
     s3 = local_stack.aws_client("s3")
     keys = [
         o["Key"]
-        for o in s3.list_objects_v2(Bucket=local_stack.env["SLIDEBRIDGE_BUCKET_NAME"], Prefix="feedback/").get(
+        for o in s3.list_objects_v2(Bucket=local_stack.env.get("SLIDEBRIDGE_BUCKET_NAME", DEFAULT_BUCKET_NAME), Prefix="feedback/").get(
             "Contents", []
         )
     ]
