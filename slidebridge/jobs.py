@@ -1,11 +1,12 @@
-"""Closing the books of a job that died without doing so itself (job_events, ProcessLauncher)."""
+"""Starting a run's job, and closing the books of a job that died without doing so itself."""
 
 from __future__ import annotations
 
 import logging
 
+from slidebridge.launcher import JobLauncher
 from slidebridge.outbound import OutboundPolicy
-from slidebridge.runs import Item, RunSource
+from slidebridge.runs import Item, Run, RunSource, RunTerminationReason
 from slidebridge.settings import Settings
 from slidebridge.store import RunStore
 
@@ -34,3 +35,23 @@ def close_failed_job(
             logger.warning("could not tell Sectra that run %s failed", run_id, exc_info=True)
     store.expire_credentials(run_id, settings.credential_ttl_after_run_s)
     return ended
+
+
+def submit_run_job(store: RunStore, launcher: JobLauncher, run: Run, item_count: int) -> str:
+    """Start the run's job and record its id; a run whose job cannot start is closed at once.
+
+    Otherwise it would wait forever for a job that never comes.
+    """
+    try:
+        job_id = launcher.submit(run.run_id, item_count)
+    except Exception:
+        logger.exception("could not start the job for run %s", run.run_id)
+        store.terminate_run(
+            run.run_id,
+            RunTerminationReason.CANCELED_BY_SYSTEM,
+            error_code="JOB_SUBMISSION_FAILED",
+            error_message="the processing job could not be started; submit the run again",
+        )
+        raise
+    store.set_job_id(run.run_id, job_id)
+    return job_id

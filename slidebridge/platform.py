@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from slidebridge.applications import APPLICATIONS, Application, ApplicationVersion, get_application
 from slidebridge.artifacts import ArtifactStore
 from slidebridge.errors import NotFoundError, UrlNotAllowedError, ValidationFailedError
+from slidebridge.jobs import submit_run_job
 from slidebridge.launcher import JobLauncher
 from slidebridge.outbound import OutboundPolicy, Purpose
 from slidebridge.runs import (
@@ -286,23 +287,8 @@ class PlatformService:
         for item in items:
             item.run_id = run.run_id
         run = self.store.create_run(run, items)
-        self.start_job(run, len(items))
+        submit_run_job(self.store, self.launcher, run, len(items))
         return run
-
-    def start_job(self, run: Run, item_count: int) -> None:
-        try:
-            job_id = self.launcher.submit(run.run_id, item_count)
-        except Exception:
-            # The run is recorded but no job will ever process it: close it so nobody waits.
-            logger.exception("could not start the job for run %s", run.run_id)
-            self.store.terminate_run(
-                run.run_id,
-                RunTerminationReason.CANCELED_BY_SYSTEM,
-                error_code="JOB_SUBMISSION_FAILED",
-                error_message="the processing job could not be started; submit the run again",
-            )
-            raise
-        self.store.set_job_id(run.run_id, job_id)
 
     def _validated_items(self, version: ApplicationVersion, request: RunCreationRequest) -> list[Item]:
         definitions = {d.name: d for d in version.input_artifacts}

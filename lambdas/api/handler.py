@@ -115,6 +115,13 @@ def on_other_domain_error(exc: SlidebridgeError) -> Response[str]:
     return error(500, "internal error")
 
 
+@app.exception_handler(Exception)
+def on_unexpected(exc: Exception) -> Response[str]:
+    # Our fault: log it with its traceback (ids only, never bodies), answer a plain 500.
+    logger.exception("unhandled error", extra={"error_type": type(exc).__name__})
+    return error(500, "internal error")
+
+
 @app.not_found
 def on_unknown_route(_exc: Exception) -> Response[str]:
     return error(404, f"no route for {app.current_event.http_method} {app.current_event.path}")

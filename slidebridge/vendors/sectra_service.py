@@ -13,6 +13,7 @@ from typing import Any
 
 from slidebridge.applications import get_application
 from slidebridge.errors import IllegalTransitionError, NotFoundError
+from slidebridge.jobs import submit_run_job
 from slidebridge.launcher import JobLauncher
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import Item, Run, RunSource, RunState, RunTerminationReason, utcnow
@@ -153,8 +154,7 @@ class SectraService:
         if stored.id is not None:
             self.store.put_alias(f"sectra-result:{context.application_id}:{stored.id}", run.run_id)
         self.store.put_alias(f"sectra-slide:{context.application_id}:{context.slide_id}", run.run_id)
-        job_id = self.launcher.submit(run.run_id, 1)
-        self.store.set_job_id(run.run_id, job_id)
+        job_id = submit_run_job(self.store, self.launcher, run, 1)
         logger.info("sectra create started run %s (job %s)", run.run_id, job_id)
         return run
 

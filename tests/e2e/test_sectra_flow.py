@@ -283,9 +283,9 @@ def test_modify_is_put_and_kept_as_feedback(
     s3 = local_stack.aws_client("s3")
     keys = [
         o["Key"]
-        for o in s3.list_objects_v2(Bucket=local_stack.env.get("SLIDEBRIDGE_BUCKET_NAME", DEFAULT_BUCKET_NAME), Prefix="feedback/").get(
-            "Contents", []
-        )
+        for o in s3.list_objects_v2(
+            Bucket=local_stack.env.get("SLIDEBRIDGE_BUCKET_NAME", DEFAULT_BUCKET_NAME), Prefix="feedback/"
+        ).get("Contents", [])
     ]
     assert any(k.endswith("-modify.json") for k in keys)
 

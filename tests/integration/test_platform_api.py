@@ -305,3 +305,17 @@ def test_non_uuid_run_id_is_422(api: RunStore) -> None:
     status, _, error = call("GET", "/api/v1/runs/not-a-uuid")
     assert status == 422
     assert error["detail"][0]["loc"] == ["path", "run_id"]
+
+
+def test_a_job_that_cannot_start_closes_the_run_for_operators(api: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLIDEBRIDGE_JOB_QUEUE", "arn:aws:batch:eu-central-1:123456789012:job-queue/missing")
+    deps.reset()
+    status, _, error = call("POST", "/api/v1/runs", body=run_body())
+    assert status == 500
+    assert error == {"detail": "internal error"}
+    (run,) = list(api.iter_runs("org-a"))
+    assert run.state.value == "TERMINATED"
+    assert run.termination_reason is not None
+    assert run.termination_reason.value == "CANCELED_BY_SYSTEM"
+    assert run.error_code == "JOB_SUBMISSION_FAILED"
+    assert run.statistics.item_skipped_count == 1
