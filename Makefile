@@ -40,7 +40,7 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 typecheck: setup
-	$(PY) -m mypy slidebridge batch_job
+	$(PY) -m mypy slidebridge batch_job lambdas local
 
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,9 +6,13 @@ parameters, so re-runs are fast), uploads it to the local S3 and runs each flow 
 
 - ``platform``: ``POST /api/v1/runs`` with a presigned URL, polls the run and its items, downloads
   every output artifact through its 307 URL and checks its CRC32C.
+- ``sectra``: a mock Sectra PACS (in this process, on loopback) serves the same slide and invokes
+  ``POST /hooks/sectra/{key}`` with a ``create``; the demo prints each update of the annotation
+  ("Analysis queued" → "Analysing… 25 %" → … → the headline) and draws the final result on the slide
+  thumbnail (``sectra-result.png``). See ``local/demo_sectra.py``.
 
-A flow is anything with a ``name`` and ``run(ctx) -> FlowResult``; the Sectra and Techcyte flows
-slot in next to the Platform one. The demo exits 0 only if every flow succeeded.
+A flow is anything with a ``name`` and ``run(ctx) -> FlowResult``; the Techcyte flow slots in next
+to these. The demo exits 0 only if every flow succeeded.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "FlowResult",
     "PlatformClient",
     "PlatformFlow",
+    "SectraFlow",
     "SlideFile",
     "cached_synthetic_slide",
     "platform_run_body",
@@ -274,6 +279,8 @@ class DemoContext:
     bucket: str
     timeout_s: float
     s3: Any
+    # The stack's SLIDEBRIDGE_SECTRA_WEBHOOK_KEY (the path key of /hooks/sectra/{key}).
+    sectra_webhook_key: str | None = None
 
     def presigned_slide_url(self, key: str) -> str:
         return upload_slide(self.s3, self.bucket, self.slide.path, key)
@@ -289,6 +296,11 @@ class FlowResult:
     artifacts: list[ArtifactCheck] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     run_wall_time_s: float | None = None
+    # What a vendor's viewer shows: the result's one-line text and its key/value properties.
+    headline: str | None = None
+    display_properties: dict[str, Any] = field(default_factory=dict)
+    # Pictures written for people to look at (overlays on the slide thumbnail).
+    images: list[Path] = field(default_factory=list)
 
 
 class Flow(Protocol):
@@ -368,7 +380,9 @@ class PlatformFlow:
                         result.summary = json.loads(check.path.read_text())
                     if check.name == "heatmap:png":
                         # Also at the top of the output folder, where people look first.
-                        shutil.copyfile(check.path, ctx.output_dir / f"{self.name}-heatmap.png")
+                        heatmap = ctx.output_dir / f"{self.name}-heatmap.png"
+                        shutil.copyfile(check.path, heatmap)
+                        result.images.append(heatmap)
             if not result.artifacts and not problems:
                 problems.append("no output artifacts")
         result.ok = not problems
@@ -390,7 +404,19 @@ def _safe_name(external_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in external_id)
 
 
-FLOWS: list[Flow] = [PlatformFlow()]
+class SectraFlow:
+    """A mock Sectra PACS invokes the webhook; follow the annotation; draw the final result."""
+
+    name = "sectra"
+
+    def run(self, ctx: DemoContext) -> FlowResult:
+        # Imported here: sectra_client (the mock) is a dev dependency that brings FastAPI and uvicorn.
+        from local.demo_sectra import run_sectra_flow  # noqa: PLC0415
+
+        return run_sectra_flow(ctx, self.name)
+
+
+FLOWS: list[Flow] = [PlatformFlow(), SectraFlow()]
 
 
 # --- reporting ------------------------------------------------------------------------------------
@@ -467,9 +493,18 @@ def print_report(results: list[FlowResult]) -> None:
             for row in rows:
                 print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         if result.run_wall_time_s is not None:
-            print(f"  run wall time {result.run_wall_time_s:.1f} s (submitted → terminated)")
+            span = "create → final result" if result.headline is not None else "submitted → terminated"
+            print(f"  run wall time {result.run_wall_time_s:.1f} s ({span})")
         for line in _summary_lines(result.summary or {}):
             print(f"  {line}")
+        if result.headline is not None:
+            print(f"  headline  {result.headline}")
+        if result.display_properties:
+            width = max(len(str(key)) for key in result.display_properties)
+            for key, value in result.display_properties.items():
+                print(f"    {str(key).ljust(width)}  {value}")
+        for image in result.images:
+            print(f"  picture {_display_path(image)}")
     print(flush=True)
 
 
@@ -522,6 +557,7 @@ def run_demo(
             bucket=env["SLIDEBRIDGE_BUCKET_NAME"],
             timeout_s=timeout_s,
             s3=stack.aws_client("s3"),
+            sectra_webhook_key=env.get("SLIDEBRIDGE_SECTRA_WEBHOOK_KEY"),
         )
         for flow in FLOWS if flows is None else flows:
             print(f"\n-- flow {flow.name} --", flush=True)

@@ -8,7 +8,7 @@ import uuid
 from typing import Any, TypeVar
 
 from aws_lambda_powertools.event_handler import Response
-from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
+from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
 from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
@@ -43,7 +43,7 @@ def error_response(status: int, detail: Any) -> Response[str]:
     return json_response(status, {"detail": detail})
 
 
-def parse_body(event: APIGatewayProxyEvent, model: type[ModelT]) -> ModelT:
+def parse_body(event: BaseProxyEvent, model: type[ModelT]) -> ModelT:
     """Parse a JSON body into ``model``; every fault becomes a 422 naming the field and the reason."""
     try:
         raw = event.decoded_body if event.is_base64_encoded else event.body

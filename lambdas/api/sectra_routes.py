@@ -7,10 +7,11 @@ touches nothing.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from lambdas.api.deps import sectra_service, webhook_keys
 from lambdas.api.http import UnknownWebhookKeyError, parse_body
@@ -44,7 +45,8 @@ def webhook_url(key: str) -> str:
     if base is None:
         event = router.current_event
         host = event.headers.get("Host") or event.headers.get("host") or "localhost"
-        stage = event.request_context.stage
+        # The REST resolver's events are API Gateway proxy events, which carry the stage.
+        stage = cast(APIGatewayProxyEvent, event).request_context.stage
         base = f"http://{host}" if stage == "local" else f"https://{host}/{stage}"
     return f"{base.rstrip('/')}/hooks/sectra/{key}"
 

@@ -926,11 +926,10 @@ def primitive_result(
                 polygons=[ResultPolygon(points=[_norm(x, y, width) for x, y in s.exterior]) for s in shapes],
                 polylines=[Polyline(points=[_norm(x, y, width) for x, y in [*hole, hole[0]]]) for hole in holes]
                 or None,
+                # Anchored at the outline's top-most (then left-most) vertex, which lies on the region;
+                # the bounding box's corner can be far off an irregular one.
                 labels=[
-                    Label(
-                        location=_norm(min(x for x, _ in s.exterior), min(y for _, y in s.exterior), width),
-                        label=region.label,
-                    )
+                    Label(location=_norm(*min(s.exterior, key=lambda p: (p[1], p[0])), width), label=region.label)
                     for s in labelled
                 ],
             )
