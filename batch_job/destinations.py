@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,14 @@ from slidebridge.runs import Item, Run, RunSource
 from slidebridge.settings import Settings
 from slidebridge.store import RunStore
 from slidebridge.vendors.sectra import (
+    ResultPayload,
     SectraClient,
     patch_collection_result,
     primitive_result,
     progress_result,
     regions_to_level0,
 )
-from slidebridge.vendors.sectra_writer import SectraResultWriter
+from slidebridge.vendors.sectra_writer import SectraResultWriter, SectraRunContext
 
 logger = logging.getLogger(__name__)
 
@@ -115,24 +117,24 @@ class SectraDestination:
         if total <= 0:
             return
         percent = done * 100 // total
-        due = [step for step in self.steps if self._reported < step <= percent]
-        if not due:
-            return
-        self._reported = due[-1]
-        try:
-            self.writer.write(
-                lambda c: progress_result(
-                    c.slide_id,
-                    c.width,
-                    c.height,
-                    application_version=self.run.version_number,
-                    progress_pct=self._reported,
-                    context=c.registration_context,
-                )
-            )
-        except Exception:
-            # Progress is a courtesy: a failed progress write must not fail the analysis.
-            logger.warning("progress upsert to Sectra failed at %d %%", self._reported, exc_info=True)
+        # Every step passed gets its own update, also when one batch passes several of them.
+        for step in [step for step in self.steps if self._reported < step <= percent]:
+            self._reported = step
+            try:
+                self.writer.write(functools.partial(self._progress_payload, pct=step))
+            except Exception:
+                # Progress is a courtesy: a failed progress write must not fail the analysis.
+                logger.warning("progress upsert to Sectra failed at %d %%", step, exc_info=True)
+
+    def _progress_payload(self, context: SectraRunContext, *, pct: int) -> ResultPayload:
+        return progress_result(
+            context.slide_id,
+            context.width,
+            context.height,
+            application_version=self.run.version_number,
+            progress_pct=pct,
+            context=context.registration_context,
+        )
 
     def deliver(self, analysis: SlideAnalysis) -> None:
         if self.context.output == "patches":

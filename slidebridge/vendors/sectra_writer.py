@@ -13,11 +13,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from slidebridge.errors import NotFoundError
+from slidebridge.errors import NotFoundError, RetryableError
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.settings import Settings
 from slidebridge.store import RunStore
-from slidebridge.vendors.sectra import ResultPayload, SectraClient, StoredResult, message_result
+from slidebridge.vendors.sectra import (
+    ResultPayload,
+    SectraClient,
+    SectraConflictError,
+    StoredResult,
+    message_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ class SectraResultWriter:
         self.policy = policy
         self._client_factory = client_factory
         self._client: SectraClient | None = None
+        self._run_version = settings.default_application_version
 
     def context(self) -> SectraRunContext:
         return SectraRunContext.model_validate(self.store.get_run(self.run_id).vendor_context)
@@ -97,7 +104,18 @@ class SectraResultWriter:
             if context.result_id is not None and run.vendor_context.get("stored_result")
             else None
         )
-        stored = self.client().upsert_result(context.application_id, context.slide_id, build(context), current=current)
+        self._run_version = run.version_number
+        payload = build(context)
+        try:
+            stored = self.client().upsert_result(context.application_id, context.slide_id, payload, current=current)
+        except SectraConflictError as exc:
+            # A PUT whose answer was lost may have been applied already: then Sectra holds exactly
+            # what we sent, and the conflict only means our versionId is stale. Anything else is
+            # another writer racing us: try again later rather than fail the analysis.
+            stored_now = self._already_applied(context, payload)
+            if stored_now is None:
+                raise RetryableError(f"Sectra result kept changing under us: {exc}") from exc
+            stored = stored_now
         self.store.update_vendor_context(
             self.run_id,
             {
@@ -108,13 +126,29 @@ class SectraResultWriter:
         )
         return stored
 
+    def _already_applied(self, context: SectraRunContext, payload: ResultPayload) -> StoredResult | None:
+        # Compared on what the pathologist sees (headline, properties, result type): Sectra may store
+        # the content itself normalised (defaults filled in, unknown primitives dropped).
+        sent = payload.to_wire()
+        sent_type = sent["data"]["result"]["type"]
+        for candidate in reversed(self.client().list_results(context.application_id, context.slide_id)):
+            wire = candidate.to_wire()
+            kind = ((wire.get("data") or {}).get("result") or {}).get("type")
+            if (
+                wire.get("displayResult") == sent["displayResult"]
+                and wire.get("displayProperties") == sent["displayProperties"]
+                and kind == sent_type
+            ):
+                return candidate
+        return None
+
     def write_message(self, text: str) -> StoredResult | None:
         return self.write(
             lambda c: message_result(
                 c.slide_id,
                 c.width,
                 c.height,
-                application_version=self.settings.default_application_version,
+                application_version=self._run_version,
                 text=text,
                 context=c.registration_context,
             )

@@ -90,6 +90,12 @@ _HOP_HEADERS = {"host", "connection", "content-length", "transfer-encoding", "ke
 
 @dataclass
 class SectraProxy:
+    """A recording reverse proxy on 127.0.0.1 in front of the mock (``upstream``).
+
+    A proxy rather than an httpx hook or transport: production code builds its own clients (the
+    outbound policy's transport, timeouts, retries), and only a real peer exercises all of that.
+    """
+
     upstream: str
     exchanges: list[Exchange] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
@@ -479,8 +485,8 @@ def test_503s_on_result_writes_end_with_the_final_result_and_no_duplicate(
     small_tiff_slide: Path,
 ) -> None:
     # The webhook's client retries once (its answer must fit API Gateway's 29 s), the job's 3 times.
-    # A lost answer to a PUT makes the retry stale (the mock already has a new versionId): at most one
-    # can be absorbed by the client's single re-read (see the report for two in a row).
+    # A lost answer to a PUT makes its retry stale (the mock already holds a new versionId); the
+    # client's re-read after a 409 absorbs one such loss, so one is injected here.
     post_fault = Fault("POST", count=1, after_forwarding=after_forwarding)
     put_fault = Fault("PUT", count=1 if after_forwarding else 2, when=_is_final, after_forwarding=after_forwarding)
     proxy.faults += [post_fault, put_fault]
@@ -497,6 +503,28 @@ def test_503s_on_result_writes_end_with_the_final_result_and_no_duplicate(
     assert stored[0]["data"]["result"]["type"] == "primitive"
     assert stored[0]["displayResult"].startswith("Tissue ")
     assert store.get_item(created.run_id, 0).termination_reason is ItemTerminationReason.SUCCEEDED
+
+
+def test_final_result_applied_twice_with_lost_answers_is_kept_not_overwritten_by_a_failure(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+    store: RunStore,
+    small_tiff_slide: Path,
+) -> None:
+    # Sectra applies the final PUT twice but both answers are lost: every retry is then stale.
+    proxy.faults.append(Fault("PUT", count=2, when=_is_final, after_forwarding=True))
+    created = _create(service, launcher, proxy, _add_slide(mock, [small_tiff_slide]))
+
+    assert main([created.run_id]) == 0
+
+    stored = _stored(mock, created.slide_id)
+    assert len(stored) == 1
+    assert stored[0]["displayResult"].startswith("Tissue "), "the delivered result stands"
+    assert store.get_item(created.run_id, 0).termination_reason is ItemTerminationReason.SUCCEEDED
+    run: Run = store.get_run(created.run_id)
+    assert run.vendor_context["version_id"] == stored[0]["versionId"]
 
 
 # =================================================================================================
@@ -696,7 +724,7 @@ def test_stale_version_is_reread_and_the_write_succeeds(
     destination = SectraDestination(
         store.get_run(created.run_id), store, settings, OutboundPolicy.from_settings(settings)
     )
-    destination.on_progress(1, 2)
+    destination.on_progress(1, 4)  # 25 %: exactly one progress step
 
     puts = [w for w in proxy.writes() if w.method == "PUT"]
     assert [w.status for w in puts] == [409, 200], [(w.status, w.body.get("versionId")) for w in puts]
@@ -704,6 +732,6 @@ def test_stale_version_is_reread_and_the_write_succeeds(
     assert puts[1].body["versionId"] == current_version, "the retry carries the re-read versionId"
     stored = _stored(mock, created.slide_id)
     assert len(stored) == 1 and stored[0]["id"] == result_id
-    assert stored[0]["displayResult"] == "Analysing… 50 %"
+    assert stored[0]["displayResult"] == "Analysing… 25 %"
     run: Run = store.get_run(created.run_id)
     assert run.vendor_context["version_id"] == stored[0]["versionId"]
