@@ -28,7 +28,7 @@ from slidebridge.errors import (
     ValidationFailedError,
 )
 from slidebridge.platform import ArtifactGoneError
-from slidebridge.vendors.sectra import SectraAuthError, SectraError
+from slidebridge.vendors.sectra import SectraAuthError, SectraError, SectraNotFoundError
 
 logger = Logger(service="slidebridge")
 app = APIGatewayRestResolver()
@@ -101,6 +101,12 @@ def on_conflict(exc: ConflictError) -> Response[str]:
 @app.exception_handler(SectraAuthError)
 def on_sectra_auth(exc: SectraAuthError) -> Response[str]:
     return error(502, f"Sectra refused our callback token: {exc}")
+
+
+@app.exception_handler(SectraNotFoundError)
+def on_sectra_not_found(exc: SectraNotFoundError) -> Response[str]:
+    # E.g. a slideId the Sectra server does not know: the invocation is at fault, nothing was stored.
+    return error(404, f"not found on the Sectra server: {exc}")
 
 
 @app.exception_handler(SectraError)

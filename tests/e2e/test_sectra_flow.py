@@ -395,3 +395,61 @@ def test_malformed_invocations_get_a_clear_4xx_and_store_nothing(
     assert answer.json()["error"]
     assert answer.headers["X-Sectra-ApiVersion"]
     assert len(runs_table()) == before
+
+
+# --- a flaky Sectra -------------------------------------------------------------------------------
+
+
+class _FlakyFilesProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards to the mock, but answers 503 to the first two slide-file downloads."""
+
+    upstream = ""
+    failures_left = 0
+    answered: list[tuple[str, int]] = []
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.path.endswith("/files") and type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            self.answered.append((self.path, 503))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "content-length", "connection"}}
+        upstream = httpx.request(self.command, self.upstream + self.path, headers=headers, content=body, timeout=30)
+        self.answered.append((self.path, upstream.status_code))
+        self.send_response(upstream.status_code)
+        for key, value in upstream.headers.items():
+            if key.lower() not in {"content-length", "transfer-encoding", "connection", "content-encoding"}:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(upstream.content)))
+        self.end_headers()
+        self.wfile.write(upstream.content)
+
+    do_GET = do_POST = do_PUT = _forward
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_sectra_answering_503_twice_then_200_still_delivers(
+    hook: str, mock: MockSectraServer, slide_id: str, stack_log: Callable[[], str]
+) -> None:
+    _FlakyFilesProxy.upstream = mock.url
+    _FlakyFilesProxy.failures_left = 2
+    _FlakyFilesProxy.answered = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyFilesProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = _create(mock, slide_id).model_dump()
+        body["callbackInfo"]["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+        assert httpx.post(hook, json=body, timeout=30).status_code == 200
+        final = _wait_final(mock, slide_id, stack_log)
+    finally:
+        server.shutdown()
+    files = [status for path, status in _FlakyFilesProxy.answered if path.endswith("/files")]
+    assert files == [503, 503, 200]
+    assert _points(final)
+    assert len(mock.get_results(APP, slide_id)) == 1
