@@ -1,0 +1,1 @@
+"""Faithful fakes of vendor APIs for tests (loopback servers only)."""
