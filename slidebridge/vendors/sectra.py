@@ -32,10 +32,8 @@ import email.message
 import logging
 import math
 import mimetypes
-import random
 import re
 import ssl
-import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +57,20 @@ from pydantic import (
 import slidebridge
 from slidebridge.errors import RetryableError, SlidebridgeError, UrlNotAllowedError
 from slidebridge.outbound import OutboundPolicy, Purpose
+from slidebridge.vendors.common import (
+    backoff_sleep,
+    describe_validation_error,
+    fmt_mm2,
+    fmt_pct,
+    hex_color,
+    none_to_dict,
+    retryable_status,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-    from slidebridge.analysis import RGB, SlideAnalysis, TileResult
+    from slidebridge.analysis import SlideAnalysis, TileResult
 
 __all__ = [
     "IA_API_VERSION",
@@ -181,11 +188,7 @@ class SectraUnavailableError(SectraError, RetryableError):
 # =================================================================================================
 
 
-def _none_to_dict(value: object) -> object:
-    return {} if value is None else value
-
-
-NoneToDict = Annotated[dict[str, Any], BeforeValidator(_none_to_dict)]
+NoneToDict = Annotated[dict[str, Any], BeforeValidator(none_to_dict)]
 
 
 def _positive_or_none(value: object) -> object:
@@ -420,19 +423,6 @@ class ImageNotification(_Lenient):
     imageInfo: SlideInfo | None = None
 
 
-def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
-    """``"loc: message; …"`` for a 4xx answer or a log line: never the input values.
-
-    ``str(exc)`` is safe too for these models (``hide_input_in_errors``), but ``exc.errors()``
-    still carries each offending ``input`` (the callback token, PHI): don't return that.
-    """
-    problems = [
-        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}" for error in exc.errors()[:limit]
-    ]
-    more = exc.error_count() - len(problems)
-    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
-
-
 # =================================================================================================
 # Outbound models (strict)
 # =================================================================================================
@@ -587,11 +577,6 @@ def regions_to_level0(
     return [[(x * width, y * width) for x, y in ring] for ring in regions_normalised]
 
 
-def _hex(color: RGB, alpha: int | None = None) -> str:
-    r, g, b = (max(0, min(255, int(c))) for c in color)
-    return f"#{r:02X}{g:02X}{b:02X}" + ("" if alpha is None else f"{alpha:02X}")
-
-
 def _whole_slide_rectangle(width: int, height: int) -> ResultPolygon:
     # (0,0) (1,0) (1,H/W) (0,H/W): Sectra's own whole-slide rectangle (§5).
     return ResultPolygon(
@@ -712,20 +697,10 @@ def message_result(
 # --- analysis → result ---------------------------------------------------------------------------
 
 
-def _fmt_pct(fraction: float) -> str:
-    if 0 < fraction < 0.005:
-        return "<1 %"
-    return f"{100 * fraction:.0f} %"
-
-
-def _fmt_mm2(area: float) -> str:
-    return f"{area:.2f} mm²" if area < 10 else f"{area:.1f} mm²"
-
-
 def headline(analysis: SlideAnalysis) -> str:
     """``"Tissue 62 % · cellular 18 %"``: each foreground class's share of the tissue tiles."""
     fractions = analysis.summary.tissue_class_fractions
-    parts = [f"{name} {_fmt_pct(fractions[name])}" for name in analysis.class_names if name in fractions]
+    parts = [f"{name} {fmt_pct(fractions[name])}" for name in analysis.class_names if name in fractions]
     if not parts:
         return "No tissue detected"
     text = " · ".join(parts)
@@ -736,12 +711,12 @@ def summary_properties(analysis: SlideAnalysis) -> dict[str, str]:
     """The analysis summary as Sectra ``displayProperties`` (short keys: long ones get truncated)."""
     summary = analysis.summary
     props = {
-        "Tissue area": _fmt_mm2(summary.tissue_area_mm2),
-        "Analysed area": _fmt_mm2(summary.analysed_area_mm2),
+        "Tissue area": fmt_mm2(summary.tissue_area_mm2),
+        "Analysed area": fmt_mm2(summary.analysed_area_mm2),
     }
     for name in analysis.class_names:
         if name in summary.tissue_class_fractions:
-            props[name[:1].upper() + name[1:]] = f"{_fmt_pct(summary.tissue_class_fractions[name])} of tissue"
+            props[name[:1].upper() + name[1:]] = f"{fmt_pct(summary.tissue_class_fractions[name])} of tissue"
     props["Tiles"] = str(summary.tile_count)
     props["Tile"] = f"{analysis.classifier_tile_px} px at {analysis.classifier_mpp:g} µm/px"
     props["Model"] = f"{analysis.application_id} {analysis.application_version}"
@@ -922,7 +897,7 @@ def primitive_result(
         holes = [hole for s in shapes for hole in s.holes]
         items.append(
             PrimitiveItem(
-                style=Style(strokeStyle=_hex(region.color), fillStyle=_hex(region.color, 0x40)),
+                style=Style(strokeStyle=hex_color(region.color), fillStyle=hex_color(region.color, 0x40)),
                 polygons=[ResultPolygon(points=[_norm(x, y, width) for x, y in s.exterior]) for s in shapes],
                 polylines=[Polyline(points=[_norm(x, y, width) for x, y in [*hole, hole[0]]]) for hole in holes]
                 or None,
@@ -1067,11 +1042,6 @@ def _disposition_filename(value: str | None) -> str | None:
 DownloadProgress = Callable[[int, int | None], None]
 
 
-def _retryable(status: int) -> bool:
-    """Throttling and server errors: a later attempt may succeed."""
-    return status == 429 or status >= 500
-
-
 _CHUNK = 1 << 20  # 1 MiB reads from the socket, written straight to disk
 _MAX_PREAMBLE = 64 * 1024
 _DICOM_MAGIC_END = 132  # "DICM" at bytes 128–131 of a DICOM Part 10 file
@@ -1178,13 +1148,6 @@ class SectraClient:
     def _url(self, path: str) -> str:
         return self.base_url + path
 
-    def _sleep(self, attempt: int, response: httpx.Response | None = None) -> None:
-        delay = self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
-        if response is not None and (retry_after := response.headers.get("retry-after", "")).isdigit():
-            delay = max(delay, min(float(retry_after), 30.0))
-        if delay > 0:
-            time.sleep(delay)
-
     @staticmethod
     def _raise_for_status(response: httpx.Response, method: str, path: str) -> None:
         status = response.status_code
@@ -1203,7 +1166,7 @@ class SectraClient:
             raise SectraNotFoundError(f"{where}: 404 not found", status=status, path=path)
         if status in (409, 412):
             raise SectraConflictError(f"{where}: {status} (stale versionId)", status=status, path=path)
-        if _retryable(status):
+        if retryable_status(status):
             raise SectraUnavailableError(f"{where}: {status}", status=status, path=path)
         raise SectraError(f"{where}: {status}", status=status, path=path)
 
@@ -1229,15 +1192,15 @@ class SectraClient:
                     raise SectraUnavailableError(
                         f"Sectra {method} {path}: {type(exc).__name__} after {attempts} attempts", path=path
                     ) from exc
-                self._sleep(attempt)
+                backoff_sleep(self.backoff_s, attempt)
                 continue
-            if _retryable(response.status_code) and not last:
+            if retryable_status(response.status_code) and not last:
                 logger.warning(
                     "Sectra %s %s: %d (attempt %d/%d)", method, path, response.status_code, attempt + 1, attempts
                 )
-                self._sleep(attempt, response)
+                backoff_sleep(self.backoff_s, attempt, response)
                 continue
-            if _retryable(response.status_code):
+            if retryable_status(response.status_code):
                 raise SectraUnavailableError(
                     f"Sectra {method} {path}: {response.status_code} after {attempts} attempts",
                     status=response.status_code,
@@ -1348,7 +1311,7 @@ class SectraClient:
                     return adopted
             if last:
                 raise SectraUnavailableError(f"Sectra POST {path}: {reason} after {attempts} attempts", path=path)
-            self._sleep(attempt, outcome if isinstance(outcome, httpx.Response) else None)
+            backoff_sleep(self.backoff_s, attempt, outcome if isinstance(outcome, httpx.Response) else None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _find_created(
@@ -1458,12 +1421,12 @@ class SectraClient:
                     self._url(path),
                     headers={"Accept": "multipart/related, application/octet-stream, */*"},
                 ) as response:
-                    if _retryable(response.status_code) and not last:
+                    if retryable_status(response.status_code) and not last:
                         sink.discard()
                         logger.warning(
                             "Sectra GET %s: %d (attempt %d/%d)", path, response.status_code, attempt + 1, attempts
                         )
-                        self._sleep(attempt, response)
+                        backoff_sleep(self.backoff_s, attempt, response)
                         continue
                     self._raise_for_status(response, "GET", path)
                     _write_body(response, sink, slide_id=slide_id, path=path, progress=progress)
@@ -1475,7 +1438,7 @@ class SectraClient:
                     raise SectraUnavailableError(
                         f"Sectra GET {path}: {type(exc).__name__} after {attempts} attempts", path=path
                     ) from exc
-                self._sleep(attempt)
+                backoff_sleep(self.backoff_s, attempt)
             except _TruncatedError as exc:
                 sink.discard()
                 logger.warning("Sectra GET %s: %s (attempt %d/%d)", path, exc, attempt + 1, attempts)
@@ -1483,7 +1446,7 @@ class SectraClient:
                     raise SectraUnavailableError(
                         f"Sectra GET {path}: {exc} after {attempts} attempts", path=path
                     ) from exc
-                self._sleep(attempt)
+                backoff_sleep(self.backoff_s, attempt)
             except BaseException:
                 sink.discard()
                 raise

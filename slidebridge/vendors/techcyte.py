@@ -24,10 +24,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import random
 import re
 import ssl
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -48,9 +46,18 @@ from pydantic import (
 
 from slidebridge.errors import RetryableError, SlidebridgeError
 from slidebridge.outbound import OutboundPolicy, Purpose
+from slidebridge.vendors.common import (
+    backoff_sleep,
+    describe_validation_error,
+    fmt_mm2,
+    fmt_pct,
+    hex_color,
+    none_to_dict,
+    retryable_status,
+)
 
 if TYPE_CHECKING:
-    from slidebridge.analysis import RGB, RegionPolygon, SlideAnalysis
+    from slidebridge.analysis import RegionPolygon, SlideAnalysis
     from slidebridge.settings import Settings
 
 __all__ = [
@@ -178,15 +185,11 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, hide_input_in_errors=True)
 
 
-def _none_to_dict(value: object) -> object:
-    return {} if value is None else value
-
-
 def _blank_to_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
-NoneToDict = Annotated[dict[str, Any], BeforeValidator(_none_to_dict)]
+NoneToDict = Annotated[dict[str, Any], BeforeValidator(none_to_dict)]
 OptionalText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 
 
@@ -204,9 +207,9 @@ class WebhookPayload(_Lenient):
     task_id: str = Field(min_length=1)
     case_id: OptionalText = None
     company_id: OptionalText = None
-    scans: Annotated[dict[str, str], BeforeValidator(_none_to_dict)] = Field(default_factory=dict)
-    scan_urls: Annotated[dict[str, list[str]], BeforeValidator(_none_to_dict)] = Field(default_factory=dict)
-    stains: Annotated[dict[str, Stain], BeforeValidator(_none_to_dict)] = Field(default_factory=dict)
+    scans: Annotated[dict[str, str], BeforeValidator(none_to_dict)] = Field(default_factory=dict)
+    scan_urls: Annotated[dict[str, list[str]], BeforeValidator(none_to_dict)] = Field(default_factory=dict)
+    stains: Annotated[dict[str, Stain], BeforeValidator(none_to_dict)] = Field(default_factory=dict)
     # The docs say model_id, every example sends model_name (§2, §11): both optional.
     model_id: OptionalText = None
     model_name: OptionalText = None
@@ -269,15 +272,6 @@ class WebhookPayload(_Lenient):
             "scan_ids": self.scan_ids(),
             "has_jwt": self.jwt_token is not None,
         }
-
-
-def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
-    """``"loc: message; …"`` for a 4xx answer or a log line: never the input values."""
-    problems = [
-        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}" for error in exc.errors()[:limit]
-    ]
-    more = exc.error_count() - len(problems)
-    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
 class CaseEvaluation(_Lenient):
@@ -462,20 +456,6 @@ class ResultsPayload(_Strict):
 # =================================================================================================
 
 
-def _fmt_pct(fraction: float) -> str:
-    if 0 < fraction < 0.005:
-        return "<1 %"
-    return f"{100 * fraction:.0f} %"
-
-
-def _fmt_mm2(area: float) -> str:
-    return f"{area:.2f} mm²" if area < 10 else f"{area:.1f} mm²"
-
-
-def _hex(color: RGB) -> str:
-    return "#{:02X}{:02X}{:02X}".format(*color)
-
-
 def _title(name: str) -> str:
     return name[:1].upper() + name[1:]
 
@@ -490,7 +470,7 @@ def annotation_type_of(label: str) -> str:
 
 def _headline(analysis: SlideAnalysis) -> str:
     fractions = analysis.summary.tissue_class_fractions
-    parts = [f"{name} {_fmt_pct(fractions[name])}" for name in analysis.class_names if name in fractions]
+    parts = [f"{name} {fmt_pct(fractions[name])}" for name in analysis.class_names if name in fractions]
     return _title("; ".join(parts)) if parts else "No tissue detected"
 
 
@@ -547,8 +527,8 @@ def scan_result(
     if insufficient:
         # Say so first: a figure computed on too little tissue must not read as a diagnosis (§8).
         headline = (
-            f"QC failed: insufficient tissue ({_fmt_mm2(summary.tissue_area_mm2)} detected, "
-            f"{_fmt_mm2(min_tissue_mm2)} required). {headline}"
+            f"QC failed: insufficient tissue ({fmt_mm2(summary.tissue_area_mm2)} detected, "
+            f"{fmt_mm2(min_tissue_mm2)} required). {headline}"
         )
     kept, dropped = _kept_polygons(analysis, max_features)
     if dropped:
@@ -568,11 +548,11 @@ def scan_result(
     results = ScanResults(summary=headline, external_url=external_url, **details)
 
     lines = [
-        ReportLine(name="Tissue area", result=_fmt_mm2(summary.tissue_area_mm2)),
-        ReportLine(name="Analysed area", result=_fmt_mm2(summary.analysed_area_mm2)),
+        ReportLine(name="Tissue area", result=fmt_mm2(summary.tissue_area_mm2)),
+        ReportLine(name="Analysed area", result=fmt_mm2(summary.analysed_area_mm2)),
     ]
     lines += [
-        ReportLine(name=_title(name), result=f"{_fmt_pct(summary.tissue_class_fractions[name])} of tissue")
+        ReportLine(name=_title(name), result=f"{fmt_pct(summary.tissue_class_fractions[name])} of tissue")
         for name in analysis.class_names
         if name in summary.tissue_class_fractions
     ]
@@ -581,12 +561,12 @@ def scan_result(
     segments: list[Segment] = []
     features: list[Feature] = []
     for region in analysis.foreground_regions():
-        color = _hex(region.color)
+        color = hex_color(region.color)
         fraction = summary.tissue_class_fractions.get(region.label)
         segments.append(
             Segment(
                 name=_title(region.label),
-                result=_fmt_pct(fraction) if fraction is not None else _fmt_mm2(region.area_mm2),
+                result=fmt_pct(fraction) if fraction is not None else fmt_mm2(region.area_mm2),
                 feature_collection=FeatureCollection(
                     features=[
                         _feature(polygon, FeatureProperties(name=_title(region.label), color=color))
@@ -608,9 +588,9 @@ def scan_result(
             for polygon in kept[region.label]
         ]
 
-    key, value = "Tissue area", _fmt_mm2(summary.tissue_area_mm2)
+    key, value = "Tissue area", fmt_mm2(summary.tissue_area_mm2)
     if headline_class is not None and headline_class in summary.tissue_class_fractions:
-        key, value = f"{_title(headline_class)} fraction", _fmt_pct(summary.tissue_class_fractions[headline_class])
+        key, value = f"{_title(headline_class)} fraction", fmt_pct(summary.tissue_class_fractions[headline_class])
     return ScanResult(
         scanId=scan_id,
         results=results,
@@ -665,10 +645,6 @@ def failed_scan_result(
 # =================================================================================================
 # Client
 # =================================================================================================
-
-
-def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
 
 
 _JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]*)?")
@@ -798,13 +774,6 @@ class TechcyteClient:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _sleep(self, attempt: int, response: httpx.Response | None = None) -> None:
-        delay = self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
-        if response is not None and (retry_after := response.headers.get("retry-after", "")).isdigit():
-            delay = max(delay, min(float(retry_after), 30.0))
-        if delay > 0:
-            time.sleep(delay)
-
     @staticmethod
     def _raise_for_status(response: httpx.Response, method: str, path: str) -> None:
         status = response.status_code
@@ -815,7 +784,7 @@ class TechcyteClient:
         detail = f" ({excerpt})" if excerpt else ""
         if status in (401, 403):
             raise TechcyteAuthError(f"{where} (token refused){detail}", status=status, path=path)
-        if _retryable(status):
+        if retryable_status(status):
             raise TechcyteUnavailableError(f"{where}{detail}", status=status, path=path)
         raise TechcyteRejectedError(f"{where}{detail}", status=status, path=path)
 
@@ -867,9 +836,9 @@ class TechcyteClient:
                     raise TechcyteUnavailableError(
                         f"Techcyte {method} {path}: {type(exc).__name__} after {attempts} attempts", path=path
                     ) from None
-                self._sleep(attempt)
+                backoff_sleep(self.backoff_s, attempt)
                 continue
-            if _retryable(response.status_code):
+            if retryable_status(response.status_code):
                 logger.warning(
                     "Techcyte %s %s: %d (attempt %d/%d)", method, path, response.status_code, attempt + 1, attempts
                 )
@@ -879,7 +848,7 @@ class TechcyteClient:
                         status=response.status_code,
                         path=path,
                     )
-                self._sleep(attempt, response)
+                backoff_sleep(self.backoff_s, attempt, response)
                 continue
             return response
         raise AssertionError("unreachable")  # pragma: no cover
@@ -997,7 +966,7 @@ class TechcyteClient:
                     status=outcome.status_code if isinstance(outcome, httpx.Response) else None,
                     path=path,
                 )
-            self._sleep(attempt, outcome if isinstance(outcome, httpx.Response) else None)
+            backoff_sleep(self.backoff_s, attempt, outcome if isinstance(outcome, httpx.Response) else None)
             attempt += 1
 
     def patch_triage(self, task_id: str, *, category: str | None = None, score: float | None = None) -> None:

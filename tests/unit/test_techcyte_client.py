@@ -19,8 +19,8 @@ from slidebridge.vendors.techcyte import (
     failed_scan_result,
     scan_result,
 )
+from tests.analyses import make_analysis
 from tests.fakes.techcyte import FakeTask, FakeTechcyte
-from tests.unit.test_sectra_results import make_analysis
 
 POLICY = OutboundPolicy({Purpose.TECHCYTE_API: ["127.0.0.1"]})
 

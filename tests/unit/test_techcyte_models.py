@@ -20,7 +20,7 @@ from slidebridge.vendors.techcyte import (
     scan_result,
     task_number,
 )
-from tests.unit.test_sectra_results import COLORS, make_analysis, ring
+from tests.analyses import COLORS, make_analysis, ring
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "techcyte"
 
