@@ -3,6 +3,9 @@
 - Platform: inputs from the submitted presigned URLs; the result is the S3 artifacts alone.
 - Sectra: the slide through Sectra's file API; progress and the final result upserted into the
   viewer, failures shown there too (vendors/SECTRA.md §5, §7).
+- Techcyte: each scan's presigned URLs (a DICOM series has several); the scan's result is kept
+  until every scan of the task ended, then posted once for the task (``TechcyteDelivery``, called
+  by the job runner after the item closed). Techcyte has no progress endpoint (TECHCYTE.md §11).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Protocol
 
 from batch_job.fetch import download
 from slidebridge.analysis import SlideAnalysis
+from slidebridge.artifacts import ArtifactStore
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import Item, Run, RunSource
 from slidebridge.settings import Settings
@@ -28,10 +32,30 @@ from slidebridge.vendors.sectra import (
     regions_to_level0,
 )
 from slidebridge.vendors.sectra_writer import SectraResultWriter, SectraRunContext
+from slidebridge.vendors.techcyte_delivery import TechcyteDelivery
 
 logger = logging.getLogger(__name__)
 
 Polygon = list[tuple[float, float]]
+
+
+def download_input_artifacts(item: Item, inputs_dir: Path, settings: Settings, policy: OutboundPolicy) -> list[Path]:
+    """Every input file of the item, one after the other, each with parallel ranged GETs; a CRC-32C
+    given in the artifact's metadata is checked (the Platform API's ``checksum_base64_crc32c``)."""
+    paths: list[Path] = []
+    for number, artifact in enumerate(item.input_artifacts):
+        result = download(
+            artifact.download_url,
+            inputs_dir / f"{number:03d}",
+            policy=policy,
+            expected_crc32c_b64=artifact.metadata.get("checksum_base64_crc32c"),
+            part_size=settings.download_part_size_mb * 1024 * 1024,
+            concurrency=settings.download_concurrency,
+            timeout_s=settings.http_timeout_s,
+            verify=str(settings.ca_bundle) if settings.ca_bundle else True,
+        )
+        paths.append(result.path)
+    return paths
 
 
 class Destination(Protocol):
@@ -45,7 +69,7 @@ class Destination(Protocol):
 
     def on_progress(self, done: int, total: int) -> None: ...
 
-    def deliver(self, analysis: SlideAnalysis) -> None: ...
+    def deliver(self, item: Item, analysis: SlideAnalysis) -> None: ...
 
     def on_failure(self, message: str) -> None: ...
 
@@ -56,20 +80,7 @@ class PlatformDestination:
         self.policy = policy
 
     def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
-        paths: list[Path] = []
-        for number, artifact in enumerate(item.input_artifacts):
-            result = download(
-                artifact.download_url,
-                inputs_dir / f"{number:03d}",
-                policy=self.policy,
-                expected_crc32c_b64=artifact.metadata.get("checksum_base64_crc32c"),
-                part_size=self.settings.download_part_size_mb * 1024 * 1024,
-                concurrency=self.settings.download_concurrency,
-                timeout_s=self.settings.http_timeout_s,
-                verify=str(self.settings.ca_bundle) if self.settings.ca_bundle else True,
-            )
-            paths.append(result.path)
-        return paths
+        return download_input_artifacts(item, inputs_dir, self.settings, self.policy)
 
     def regions(self) -> list[Polygon] | None:
         return None
@@ -78,7 +89,7 @@ class PlatformDestination:
         # The Platform API reports progress through the item states alone.
         pass
 
-    def deliver(self, analysis: SlideAnalysis) -> None:
+    def deliver(self, item: Item, analysis: SlideAnalysis) -> None:
         pass
 
     def on_failure(self, message: str) -> None:
@@ -136,7 +147,7 @@ class SectraDestination:
             context=context.registration_context,
         )
 
-    def deliver(self, analysis: SlideAnalysis) -> None:
+    def deliver(self, item: Item, analysis: SlideAnalysis) -> None:
         if self.context.output == "patches":
             self.writer.write(
                 lambda c: patch_collection_result(
@@ -157,7 +168,37 @@ class SectraDestination:
             logger.warning("could not tell Sectra that the analysis failed", exc_info=True)
 
 
-def destination_for(run: Run, store: RunStore, settings: Settings, policy: OutboundPolicy) -> Destination:
+class TechcyteDestination:
+    def __init__(self, run: Run, delivery: TechcyteDelivery, settings: Settings, policy: OutboundPolicy) -> None:
+        self.run = run
+        self.delivery = delivery
+        self.settings = settings
+        self.policy = policy
+
+    def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
+        # Every URL of the scan into one folder: prepare_slide opens a DICOM series as one slide.
+        return download_input_artifacts(item, inputs_dir, self.settings, self.policy)
+
+    def regions(self) -> list[Polygon] | None:
+        return None
+
+    def on_progress(self, done: int, total: int) -> None:
+        # No progress endpoint exists (TECHCYTE.md §11); the job's log carries the counts.
+        pass
+
+    def deliver(self, item: Item, analysis: SlideAnalysis) -> None:
+        self.delivery.save_scan_result(self.run, item, analysis)
+
+    def on_failure(self, message: str) -> None:
+        # The scan's failure is posted with the task's results, from the item's error.
+        pass
+
+
+def destination_for(
+    run: Run, store: RunStore, settings: Settings, policy: OutboundPolicy, artifacts: ArtifactStore
+) -> Destination:
     if run.source is RunSource.SECTRA:
         return SectraDestination(run, store, settings, policy)
+    if run.source is RunSource.TECHCYTE:
+        return TechcyteDestination(run, TechcyteDelivery(settings, store, artifacts, policy), settings, policy)
     return PlatformDestination(settings, policy)

@@ -6,9 +6,11 @@ Built for S3 SigV4 presigned GETs (Techcyte ``scan_urls``, Platform API input ar
   from ``GET Range: bytes=0-0`` (the total in ``Content-Range``). A server that ignores ``Range``
   (200, no ``Content-Range``) gets its body streamed from that very response.
 - Parts of ``part_size`` bytes are fetched by ``concurrency`` threads sharing one httpx client; each
-  streams its part in chunks of at most ``_CHUNK`` bytes into a preallocated file with ``os.pwrite``
-  and hashes every chunk as it lands. Part CRCs are joined with :func:`crc32c_combine`, so the file
-  is never re-read and memory stays at about ``concurrency * _CHUNK``.
+  writes its part into a preallocated file with ``os.pwrite`` piece by piece as httpcore reads it
+  from the socket (at most 64 KiB, not re-chunked: see :meth:`_Download._write_body`) and hashes
+  every piece as it lands. Part CRCs are joined with :func:`crc32c_combine`, so the file is never
+  re-read and memory stays at a few socket reads per thread. The CPU-heavy steps (socket reads,
+  ``pwrite``, the CRC's C code) release the GIL, so the threads also spread over the cores.
 - Every URL, redirects included, goes through :class:`OutboundPolicy` (purpose DOWNLOAD).
 - Messages and logs show URLs as ``scheme://host:port/path``: the query carries the signature.
 """
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 16 * MIB
 DEFAULT_ATTEMPTS = 4  # per part (and for the size probe), before RetryableError
-_CHUNK = 1 * MIB  # most bytes of a response held in memory at once, per thread
+_PROGRESS_STEP = 1 * MIB  # bytes a thread writes between progress reports
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read to classify it
 _MAX_BACKOFF_S = 30.0
 _LOG_EVERY_S = 5.0
@@ -323,19 +325,40 @@ class _Download:
         hasher = Crc32cHasher()
         fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for chunk in response.iter_raw(_CHUNK):
-                _pwrite_all(fd, chunk, hasher.length)
-                hasher.update(chunk)
-                self._advance(len(chunk))
-        except BaseException:
-            self._advance(-hasher.length)
-            raise
+            self._write_body(response, fd, 0, hasher, limit=None, what=f"from {self.redacted}")
         finally:
             os.close(fd)
         if self._total >= 0 and hasher.length != self._total:
             self._advance(-hasher.length)
             raise RetryableError(f"connection closed after {hasher.length} of {self._total} bytes from {self.redacted}")
         return hasher.value, hasher.length
+
+    def _write_body(
+        self, response: httpx.Response, fd: int, offset: int, hasher: Crc32cHasher, *, limit: int | None, what: str
+    ) -> None:
+        """Write the body at ``offset`` of ``fd``, hashing each piece as it lands; progress about every MiB.
+
+        ``iter_raw()`` without a chunk size hands over httpcore's socket reads (at most 64 KiB) as they
+        are: re-chunking them into bigger blocks copied every byte once more under the GIL, which
+        cost more CPU than the extra ``pwrite`` calls do (``python -m bench.download``). On failure
+        the bytes it reported are taken back: they will be fetched again, or not at all.
+        """
+        reported = 0
+        try:
+            for chunk in response.iter_raw():
+                if self.abort.is_set():
+                    raise _AbortedError
+                if limit is not None and hasher.length + len(chunk) > limit:
+                    raise RetryableError(f"more bytes than asked for in {what}")
+                _pwrite_all(fd, chunk, offset + hasher.length)
+                hasher.update(chunk)
+                if hasher.length - reported >= _PROGRESS_STEP:
+                    self._advance(hasher.length - reported)
+                    reported = hasher.length
+        except BaseException:
+            self._advance(-reported)
+            raise
+        self._advance(hasher.length - reported)
 
     def _ranged(self, size: int) -> tuple[int, int]:
         self._total = size
@@ -384,40 +407,28 @@ class _Download:
 
     def _fetch_part(self, fd: int, start: int, end: int, size: int) -> int:
         hasher = Crc32cHasher()
-        try:
-            with self._get(self.url, f"bytes={start}-{end}") as response:
-                if response.status_code == 200:
-                    raise RetryableError(f"server ignored Range for bytes {start}-{end} ({self.redacted})")
-                if response.status_code != 206:
-                    self._raise_for_status(response)
-                first, last, total = _parse_content_range(response.headers.get("content-range"))
-                if total is not None and total != size:
-                    raise DownloadFailedError(
-                        f"the object changed size during the download, from {size} to {total} bytes ({self.redacted})"
-                    )
-                if (first, last) != (start, end):
-                    raise RetryableError(
-                        f"asked for bytes {start}-{end}, got Content-Range "
-                        f"{response.headers.get('content-range')!r} ({self.redacted})"
-                    )
-                self._check_etag(response)
-                want = end - start + 1
-                for chunk in response.iter_raw(_CHUNK):
-                    if self.abort.is_set():
-                        raise _AbortedError
-                    if hasher.length + len(chunk) > want:
-                        raise RetryableError(f"more bytes than asked for in bytes {start}-{end}")
-                    _pwrite_all(fd, chunk, start + hasher.length)
-                    hasher.update(chunk)
-                    self._advance(len(chunk))
-                if hasher.length != want:
-                    raise RetryableError(
-                        f"connection closed after {hasher.length} of {want} bytes of bytes {start}-{end}"
-                    )
-        except BaseException:
+        with self._get(self.url, f"bytes={start}-{end}") as response:
+            if response.status_code == 200:
+                raise RetryableError(f"server ignored Range for bytes {start}-{end} ({self.redacted})")
+            if response.status_code != 206:
+                self._raise_for_status(response)
+            first, last, total = _parse_content_range(response.headers.get("content-range"))
+            if total is not None and total != size:
+                raise DownloadFailedError(
+                    f"the object changed size during the download, from {size} to {total} bytes ({self.redacted})"
+                )
+            if (first, last) != (start, end):
+                raise RetryableError(
+                    f"asked for bytes {start}-{end}, got Content-Range "
+                    f"{response.headers.get('content-range')!r} ({self.redacted})"
+                )
+            self._check_etag(response)
+            want = end - start + 1
+            self._write_body(response, fd, start, hasher, limit=want, what=f"bytes {start}-{end}")
+        if hasher.length != want:
             # This attempt's bytes will be fetched again (or not at all).
             self._advance(-hasher.length)
-            raise
+            raise RetryableError(f"connection closed after {hasher.length} of {want} bytes of bytes {start}-{end}")
         return hasher.value
 
 

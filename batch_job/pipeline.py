@@ -24,9 +24,11 @@ from batch_job.tiles import auto_workers
 from slidebridge.artifacts import ArtifactStore
 from slidebridge.errors import IllegalTransitionError, RetryableError, UserInputError
 from slidebridge.outbound import OutboundPolicy
-from slidebridge.runs import Item, ItemState, ItemTerminationReason, OutputArtifact, Run, RunState
+from slidebridge.runs import Item, ItemState, ItemTerminationReason, OutputArtifact, Run, RunSource, RunState
+from slidebridge.scheduling import end_if_overdue
 from slidebridge.settings import Settings
 from slidebridge.store import RunStore
+from slidebridge.vendors.techcyte_delivery import TechcyteDelivery, TechcyteDeliveryFailedError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +80,55 @@ class StageTimer:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
+def _worst(codes: list[int]) -> int:
+    if EXIT_RETRYABLE in codes:
+        return EXIT_RETRYABLE
+    return EXIT_PERMANENT if EXIT_PERMANENT in codes else EXIT_DONE
+
+
 def run_job(ctx: JobContext, run_id: str, item_index: int | None) -> int:
-    """Process one item (array child) or every item of the run in turn; returns the exit code."""
-    run = ctx.store.get_run(run_id)
+    """Process one item (array child) or every item of the run in turn, then post the run's
+    results where the vendor takes them per run (Techcyte); returns the exit code."""
+    # A deadline that passed while the job waited in the queue ends the run here (slidebridge.scheduling).
+    run = end_if_overdue(ctx.store, run_id) or ctx.store.get_run(run_id)
     if run.state is RunState.TERMINATED:
-        # Cancelled (or closed by job_events) before this job got to it.
-        logger.info("run %s already %s; nothing to do", run_id, run.termination_reason)
-        return EXIT_DONE
+        # Cancelled (or closed by job_events) before this job got to it, or a retry after the items
+        # ended but the vendor post did not: only the post may be left.
+        logger.info("run %s already %s; no item to process", run_id, run.termination_reason)
+        return deliver_run_results(ctx, run)
     items = ctx.store.list_items(run_id)
     if item_index is not None:
         items = [item for item in items if item.index == item_index]
         if not items:
             logger.error("run %s has no item %d", run_id, item_index)
             return EXIT_PERMANENT
-    codes = [process_item(ctx, run, item) for item in items]
-    if EXIT_RETRYABLE in codes:
+    codes: list[int] = []
+    for item in items:
+        if end_if_overdue(ctx.store, run_id) is not None:
+            break  # the deadline passed (or the run was cancelled) meanwhile: its open items are SKIPPED
+        codes.append(process_item(ctx, run, item))
+    code = _worst(codes)
+    if code == EXIT_RETRYABLE:
+        return code  # an item goes again: the run cannot have ended
+    return _worst([code, deliver_run_results(ctx, run)])
+
+
+def deliver_run_results(ctx: JobContext, run: Run) -> int:
+    """Techcyte: once every scan of the task ended, its one results POST (whichever job gets there;
+    the delivery lock makes it exactly once). Other sources deliver per item."""
+    if run.source is not RunSource.TECHCYTE:
+        return EXIT_DONE
+    try:
+        delivery = TechcyteDelivery(ctx.settings, ctx.store, ctx.artifacts, ctx.policy).deliver(run.run_id)
+    except TechcyteDeliveryFailedError:
+        return EXIT_PERMANENT  # logged and recorded by the delivery; an operator must look
+    except RetryableError as exc:
+        if ctx.last_attempt:
+            logger.error("techcyte results of run %s not posted after %d attempts: %s", run.run_id, ctx.attempt, exc)
+            return EXIT_PERMANENT
         return EXIT_RETRYABLE
-    return EXIT_PERMANENT if EXIT_PERMANENT in codes else EXIT_DONE
+    logger.info("techcyte delivery of run %s: %s", run.run_id, describe(delivery))
+    return EXIT_DONE
 
 
 def process_item(ctx: JobContext, run: Run, item: Item) -> int:
@@ -108,7 +142,7 @@ def process_item(ctx: JobContext, run: Run, item: Item) -> int:
         except IllegalTransitionError:
             logger.info("item %d of run %s was closed meanwhile; skipping", item.index, run.run_id)
             return EXIT_DONE
-    destination = destination_for(run, ctx.store, ctx.settings, ctx.policy)
+    destination = destination_for(run, ctx.store, ctx.settings, ctx.policy, ctx.artifacts)
     workdir = ctx.settings.scratch_dir / run.run_id / str(item.index)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -216,7 +250,7 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path, destination: 
         metadata = ctx.artifacts.upload(rendered_artifact.path, key, rendered_artifact.media_type)
         outputs.append(OutputArtifact(name=rendered_artifact.name, s3_key=key, metadata=metadata))
     timer.start("delivery")
-    destination.deliver(analysis)
+    destination.deliver(item, analysis)
     seconds = timer.stop()
     tiles_per_s = len(analysis.tiles) / seconds["analyse"] if seconds.get("analyse") else 0.0
     # One machine-readable line per item: operators grep it, bench/slide.py parses it.

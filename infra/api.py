@@ -7,17 +7,20 @@ vendor routes carry a secret path key, the Platform API a bearer token (DESIGN �
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import aws_cdk as cdk
 import aws_cdk.aws_apigateway as apigateway
 import aws_cdk.aws_lambda as lambda_
-import aws_cdk.aws_logs as logs
 from constructs import Construct
 
 from infra.batch import Jobs
 from infra.config import InfraConfig
 from infra.functions import python_function
 from infra.nag import acknowledge
-from infra.storage import Storage
+from infra.network import Network
+from infra.storage import ARTIFACTS_PREFIX, FEEDBACK_PREFIX, Storage
+from infra.waf import Waf
 
 API_HANDLER = "lambdas.api.handler.handler"
 # API Gateway's own integration limit is 29 s; a longer function timeout would only hide that.
@@ -35,6 +38,9 @@ class Api(Construct):
         code: lambda_.Code,
         storage: Storage,
         jobs: Jobs,
+        network: Network,
+        layers: Sequence[lambda_.ILayerVersion] = (),
+        extra_environment: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
 
@@ -47,22 +53,38 @@ class Api(Construct):
             description="slidebridge API: vendor webhooks and the Platform API",
             timeout=API_TIMEOUT,
             memory_size=API_MEMORY_MB,
+            storage=storage,
+            # Sectra servers inside the hospital network may be reachable only through the VPC.
+            network=network,
+            layers=layers,
             environment={
                 **storage.data_environment(),
-                **storage.secrets_environment(),
+                "SLIDEBRIDGE_FEEDBACK_PREFIX": FEEDBACK_PREFIX,
+                "SLIDEBRIDGE_WEBHOOK_KEYS_SECRET_ARN": storage.webhook_keys_secret.secret_arn,
+                "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
                 "SLIDEBRIDGE_LAUNCHER": "batch",
                 "SLIDEBRIDGE_JOB_QUEUE": jobs.job_queue.job_queue_arn,
+                # The definition's ARN *with* its revision (CloudFormation's Ref): every change to the job
+                # definition is a new revision, which updates this variable in the same deployment, so the
+                # function always submits the current revision, and SubmitJob is allowed on that ARN only.
                 "SLIDEBRIDGE_JOB_DEFINITION": jobs.job_definition.job_definition_arn,
                 **config.outbound_environment(),
+                **config.sectra_registration_environment(),
+                **(extra_environment or {}),
             },
         )
-        storage.grant_data_read_write(self.function)
-        storage.grant_secrets_read(self.function)
+        storage.grant_table(self.function)
+        # Presigned artifact URLs are signed with this function's rights; a cancelled Techcyte run's
+        # results (read back from the artifacts) are posted from here too; the Platform API's
+        # DELETE /runs/{id}/artifacts removes them.
+        storage.grant_objects(self.function, ARTIFACTS_PREFIX, read=True, delete=True)
+        # Pathologists' corrections from Sectra.
+        storage.grant_objects(self.function, FEEDBACK_PREFIX, write=True)
+        storage.grant_webhook_keys_read(self.function)
+        storage.grant_techcyte_credentials_read(self.function)
         jobs.grant_submit(self.function)
 
-        access_logs = logs.LogGroup(
-            self, "AccessLogs", retention=config.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
-        )
+        access_logs = storage.log_group(self, "AccessLogs", config)
         self.rest_api = apigateway.LambdaRestApi(
             self,
             "RestApi",
@@ -103,11 +125,6 @@ class Api(Construct):
                 "must be accepted leniently and errors answered in the vendor's terms.",
             ),
             (
-                "AwsSolutions-APIG3",
-                "No WAF yet: the stage is throttled and every route authenticates in the function; a "
-                "per-vendor source-IP allowlist in WAF is a later option (DESIGN §6).",
-            ),
-            (
                 "AwsSolutions-APIG4",
                 "Vendor webhooks cannot send credentials and carry a secret path key instead; Platform "
                 "API bearer tokens are checked by the function (DESIGN §6).",
@@ -125,3 +142,5 @@ class Api(Construct):
             ),
         ):
             acknowledge(self.rest_api, rule_id, reason)
+
+        self.waf = Waf(self, "Waf", config=config, stage=self.rest_api.deployment_stage)

@@ -1,10 +1,13 @@
-"""Batch: the VPC, a GPU compute environment that scales to zero, the job queue and the job definition.
+"""Batch: GPU compute environments that scale to zero, the job queue and the job definition.
 
-Networking choice (config ``job_subnets``): by default the job instances run in *public* subnets with
-public IPs and no NAT gateway. Their security group admits nothing inbound; the jobs only call out
-(vendor slide downloads of several GB, vendor result APIs, AWS APIs). A NAT gateway would add a fixed
-monthly cost plus a per-GB charge on exactly the large slide downloads. S3 and DynamoDB traffic stays
-on free gateway endpoints either way. ``job_subnets=private`` puts the instances behind one NAT.
+The queue tries a spot compute environment first and an on-demand one second (``on_demand_max_vcpus``;
+with ``spot=false`` there is only the on-demand one). AWS Batch places a job in the second environment
+when the first cannot take it: it is at its ``max_vcpus``, or it cannot offer a fitting instance. A job
+that waits for spot capacity the first environment has not given up on stays RUNNABLE; the "oldest
+queued job" alarm tells, and after ``capacity_wait_hours`` the queue cancels it (job_events closes it).
+
+The instances run in the network's job subnets (``infra.network``), with a security group that admits
+nothing inbound.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import aws_cdk.aws_iam as iam
 import aws_cdk.aws_logs as logs
 from constructs import Construct
 
+from infra import ca_bundle
 from infra.bundle import REPO_ROOT
-from infra.config import InfraConfig
+from infra.config import MIN_VCPUS, InfraConfig
 from infra.nag import acknowledge
-from infra.storage import Storage
+from infra.network import Network
+from infra.storage import ARTIFACTS_PREFIX, Storage
 
 # The contract with batch_job/__main__.py (DESIGN §4): 75 = retry, 3 = permanent failure.
 EXIT_RETRYABLE = "75"
 EXIT_PERMANENT = "3"
 RETRY_ATTEMPTS = 3
-JOB_VCPUS = 4
+JOB_VCPUS = MIN_VCPUS
 JOB_MEMORY_GIB = 15
 JOB_GPUS = 1
 # Slides are downloaded and tiled here, inside the container. The directory (owned by the image's user)
@@ -38,49 +43,10 @@ SHARED_MEMORY_GIB = 2
 
 
 class Jobs(Construct):
-    def __init__(self, scope: Construct, construct_id: str, *, config: InfraConfig, storage: Storage) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: InfraConfig, storage: Storage, network: Network
+    ) -> None:
         super().__init__(scope, construct_id)
-
-        private = config.job_subnets == "private"
-        self.vpc = ec2.Vpc(
-            self,
-            "Vpc",
-            max_azs=2,
-            nat_gateways=1 if private else 0,
-            subnet_configuration=[
-                ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=24),
-                *(
-                    [ec2.SubnetConfiguration(name="jobs", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=20)]
-                    if private
-                    else []
-                ),
-            ],
-            gateway_endpoints={
-                "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3),
-                "DynamoDB": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.DYNAMODB),
-            },
-        )
-        # Rejected traffic only: enough to investigate a blocked connection, cheap to keep.
-        self.vpc.add_flow_log(
-            "RejectedFlows",
-            traffic_type=ec2.FlowLogTrafficType.REJECT,
-            destination=ec2.FlowLogDestination.to_cloud_watch_logs(
-                logs.LogGroup(
-                    self,
-                    "FlowLogs",
-                    retention=config.log_retention,
-                    removal_policy=cdk.RemovalPolicy.DESTROY,
-                )
-            ),
-        )
-
-        security_group = ec2.SecurityGroup(
-            self,
-            "InstanceSecurityGroup",
-            vpc=self.vpc,
-            description="slidebridge GPU job instances: outbound only",
-            allow_all_outbound=True,
-        )
 
         # AWS Batch accepts launch-template user data only as a MIME multi-part archive.
         user_data = ec2.MultipartUserData()
@@ -92,6 +58,9 @@ class Jobs(Construct):
             # The image is several GB; reuse it on an instance that already has it.
             "echo ECS_IMAGE_PULL_BEHAVIOR=prefer-cached >> /etc/ecs/ecs.config",
         )
+        hospital_pem = config.ca_bundle_pem
+        if hospital_pem:
+            ecs_config.add_commands(*ca_bundle.instance_commands(hospital_pem))
         user_data.add_user_data_part(ecs_config, ec2.MultipartBody.SHELL_SCRIPT, True)
         launch_template = ec2.LaunchTemplate(
             self,
@@ -104,6 +73,7 @@ class Jobs(Construct):
             block_devices=[
                 ec2.BlockDevice(
                     # The root volume of the ECS AL2023 AMIs; Docker's storage (and so /scratch) is on it.
+                    # Multi-GB slides are downloaded, unpacked (DICOM series) and tiled there.
                     device_name="/dev/xvda",
                     volume=ec2.BlockDeviceVolume.ebs(
                         config.root_volume_gib,
@@ -115,36 +85,68 @@ class Jobs(Construct):
             ],
         )
 
-        self.compute_environment = batch.ManagedEc2EcsComputeEnvironment(
+        # One instance role for both compute environments.
+        instance_role = iam.Role(
             self,
-            "GpuCompute",
-            vpc=self.vpc,
-            vpc_subnets=ec2.SubnetSelection(
-                subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS if private else ec2.SubnetType.PUBLIC
-            ),
-            security_groups=[security_group],
-            instance_classes=config.gpu_instance_classes,
-            use_optimal_instance_classes=False,
-            images=[batch.EcsMachineImage(image_type=batch.EcsMachineImageType.ECS_AL2023_NVIDIA)],
-            update_to_latest_image_version=True,
-            launch_template=launch_template,
-            spot=config.spot,
-            allocation_strategy=(
-                batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED
-                if config.spot
-                else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE
-            ),
-            # Scale to zero between runs: GPU instances are the dominant cost.
-            minv_cpus=0,
-            maxv_cpus=config.max_vcpus,
+            "InstanceRole",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description="slidebridge GPU job instances: the ECS agent",
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name("service-role/AmazonEC2ContainerServiceforEC2Role")
+            ],
         )
+        acknowledge(
+            instance_role,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AmazonEC2ContainerServiceforEC2Role]",
+            "Batch container instances need the AWS-maintained ECS instance policy, which follows the "
+            "ECS agent's needs.",
+        )
+
+        def compute_environment(
+            construct_id: str, *, spot: bool, max_vcpus: int
+        ) -> batch.ManagedEc2EcsComputeEnvironment:
+            return batch.ManagedEc2EcsComputeEnvironment(
+                self,
+                construct_id,
+                vpc=network.vpc,
+                vpc_subnets=network.job_subnets,
+                security_groups=[network.job_security_group],
+                instance_classes=config.gpu_instance_classes,
+                use_optimal_instance_classes=False,
+                images=[batch.EcsMachineImage(image_type=batch.EcsMachineImageType.ECS_AL2023_NVIDIA)],
+                update_to_latest_image_version=True,
+                launch_template=launch_template,
+                instance_role=instance_role,
+                spot=spot,
+                allocation_strategy=(
+                    batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED
+                    if spot
+                    else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE
+                ),
+                # Scale to zero between runs: GPU instances are the dominant cost.
+                minv_cpus=0,
+                maxv_cpus=max_vcpus,
+            )
+
+        self.compute_environments: list[batch.ManagedEc2EcsComputeEnvironment] = []
+        if config.spot:
+            self.compute_environments.append(compute_environment("GpuSpot", spot=True, max_vcpus=config.max_vcpus))
+            if config.on_demand_max_vcpus:
+                self.compute_environments.append(
+                    compute_environment("GpuOnDemand", spot=False, max_vcpus=config.on_demand_max_vcpus)
+                )
+        else:
+            self.compute_environments.append(compute_environment("GpuOnDemand", spot=False, max_vcpus=config.max_vcpus))
 
         self.job_queue = batch.JobQueue(
             self,
             "Queue",
             priority=1,
+            # Tried in this order: spot first, on-demand second.
             compute_environments=[
-                batch.OrderedComputeEnvironment(compute_environment=self.compute_environment, order=1)
+                batch.OrderedComputeEnvironment(compute_environment=environment, order=order)
+                for order, environment in enumerate(self.compute_environments, start=1)
             ],
             job_state_time_limit_actions=[
                 batch.JobStateTimeLimitAction(
@@ -169,16 +171,35 @@ class Jobs(Construct):
             platform=ecr_assets.Platform.LINUX_AMD64,
         )
 
-        self.job_log_group = logs.LogGroup(
-            self, "JobLogs", retention=config.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
-        )
+        self.job_log_group: logs.ILogGroup = storage.log_group(self, "JobLogs", config)
         self.job_role = iam.Role(
             self,
             "JobRole",
             assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
-            description="slidebridge batch job: the run table, the data bucket",
+            description="slidebridge batch job: the run table, the artifacts prefix of the data bucket",
         )
-        storage.grant_data_read_write(self.job_role)
+        storage.grant_table(self.job_role)
+        # Artifacts are written here, and the Techcyte results of a run's other items read back.
+        storage.grant_objects(self.job_role, ARTIFACTS_PREFIX, read=True, write=True)
+
+        environment = {
+            **storage.data_environment(),
+            **config.outbound_environment(),
+            "SLIDEBRIDGE_SCRATCH_DIR": SCRATCH_DIR,
+            # The job reports SYSTEM_ERROR itself on its last attempt, so it must know which that is.
+            "SLIDEBRIDGE_BATCH_MAX_ATTEMPTS": str(RETRY_ATTEMPTS),
+        }
+        volumes: list[batch.EcsVolume] = []
+        if hospital_pem:
+            environment["SLIDEBRIDGE_CA_BUNDLE"] = ca_bundle.JOB_CA_BUNDLE
+            volumes.append(
+                batch.EcsVolume.host(
+                    name="ca-bundle",
+                    host_path=ca_bundle.JOB_CA_DIR,
+                    container_path=ca_bundle.JOB_CA_DIR,
+                    readonly=True,
+                )
+            )
 
         container = batch.EcsEc2ContainerDefinition(
             self,
@@ -199,13 +220,8 @@ class Jobs(Construct):
                 init_process_enabled=True,
             ),
             logging=ecs.LogDriver.aws_logs(stream_prefix="job", log_group=self.job_log_group),
-            environment={
-                **storage.data_environment(),
-                **config.outbound_environment(),
-                "SLIDEBRIDGE_SCRATCH_DIR": SCRATCH_DIR,
-                # The job reports SYSTEM_ERROR itself on its last attempt, so it must know which that is.
-                "SLIDEBRIDGE_BATCH_MAX_ATTEMPTS": str(RETRY_ATTEMPTS),
-            },
+            environment=environment,
+            volumes=volumes or None,
             # Injected by the ECS agent from Secrets Manager: the values never appear in the job
             # definition, the SubmitJob call or DescribeJobs.
             secrets={
@@ -239,13 +255,6 @@ class Jobs(Construct):
         )
 
         acknowledge(
-            self.compute_environment,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
-            "AmazonEC2ContainerServiceforEC2Role]",
-            "Batch container instances need the AWS-maintained ECS instance policy, which follows the "
-            "ECS agent's needs.",
-        )
-        acknowledge(
             container,
             "AwsSolutions-IAM5[Resource::*]",
             "The execution role's ecr:GetAuthorizationToken has no resource-level permissions.",
@@ -254,6 +263,10 @@ class Jobs(Construct):
     def grant_submit(self, grantee: iam.IGrantable) -> None:
         """SubmitJob on this queue and job definition only; TerminateJob (cancel) on jobs."""
         self.job_definition.grant_submit_job(grantee, self.job_queue)
+        self.grant_terminate(grantee)
+
+    def grant_terminate(self, grantee: iam.IGrantable) -> None:
+        """TerminateJob (cancel a run's job)."""
         grantee.grant_principal.add_to_principal_policy(
             iam.PolicyStatement(
                 actions=["batch:TerminateJob"],

@@ -10,13 +10,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import aws_cdk.aws_ec2 as ec2
 import aws_cdk.aws_logs as logs
 from constructs import Node
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from infra.bundle import REPO_ROOT
 
 # x86_64 NVIDIA GPU families only: the compute environment boots the ECS AL2023 NVIDIA AMI (x86_64) and
 # the image ships CUDA builds of torch. Graviton (g5g) and AMD (g4ad) GPU families cannot run it.
@@ -61,10 +65,35 @@ _LOG_RETENTION_DAYS: Mapping[int, logs.RetentionDays] = {
 # A leading "*." (any subdomain, e.g. "*.s3.eu-west-1.amazonaws.com") is let through for outbound.py to judge.
 _HOST_ENTRY = re.compile(r"^(http://)?(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_VPC_ID = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_ROUTE_TABLE_ID = re.compile(r"^rtb-[0-9a-f]{8,17}$")
+_AVAILABILITY_ZONE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d[a-z]$")
+# One job asks for this many vCPUs (infra.batch.JOB_VCPUS): a compute environment needs at least that.
+MIN_VCPUS = 4
+# AWS WAF inspects at most this much of a request body for API Gateway (KB_16 .. KB_64 in AssociationConfig).
+WAF_BODY_LIMITS_KB = (16, 32, 48, 64)
+# The CA bundle travels to the job instances in the launch template's user data, which EC2 caps at 16 KB.
+MAX_CA_BUNDLE_BYTES = 12 * 1024
 
 
 class InfraConfigError(ValueError):
     """A CDK context value is invalid; the message names the context key."""
+
+
+def _key_error(key: str, message: str) -> ValueError:
+    """An error about one key, raised where pydantic cannot tell which (model validators)."""
+    return ValueError(f"CDK context key '{key}': {message}")
+
+
+def _split(value: Any) -> Any:
+    """``-c key=a,b`` and ``-c 'key=["a","b"]'`` both give a list; cdk.json gives one already."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return value
 
 
 class InfraConfig(BaseModel):
@@ -77,16 +106,38 @@ class InfraConfig(BaseModel):
 
     # --- batch -------------------------------------------------------------------------------
     instance_classes: tuple[str, ...] = ("g4dn", "g5", "g6")
-    max_vcpus: int = Field(default=64, ge=4, le=10_000)
+    # The spot compute environment's ceiling (or the on-demand one's, with spot=false).
+    max_vcpus: int = Field(default=64, ge=MIN_VCPUS, le=10_000)
     spot: bool = True
-    # "public": job instances get public IPs in public subnets (no NAT; inbound closed by the security
-    # group). "private": private subnets behind one NAT gateway (about 35 USD/month plus per-GB fees).
-    job_subnets: Literal["public", "private"] = "public"
+    # With spot: an on-demand compute environment behind the spot one in the same queue, up to this many
+    # vCPUs; 0 = spot only. Batch places a job there when the spot environment cannot take it.
+    on_demand_max_vcpus: int = Field(default=16, ge=0, le=10_000)
     root_volume_gib: int = Field(default=200, ge=30, le=16_384)
     job_timeout_hours: float = Field(default=4.0, gt=0, le=336)
     # A job left RUNNABLE this long because no GPU capacity can be had is cancelled (job_events then
     # ends its items SYSTEM_ERROR) instead of waiting forever.
     capacity_wait_hours: float = Field(default=6.0, ge=0.25, le=24)
+
+    # --- network -----------------------------------------------------------------------------
+    # Unset: a new VPC (public subnets for the NAT gateways, private subnets with egress for everything
+    # else). Set: that existing VPC; its private subnets (with egress: NAT, or a transit gateway to the
+    # hospital network) are named by id, with their availability zones and route tables in the same order.
+    vpc_id: str | None = Field(default=None, pattern=_VPC_ID.pattern)
+    vpc_subnet_ids: tuple[str, ...] = ()
+    vpc_availability_zones: tuple[str, ...] = ()
+    vpc_route_table_ids: tuple[str, ...] = ()
+    # Gateway endpoints (S3, DynamoDB) and interface endpoints (ECR, CloudWatch Logs, Secrets Manager).
+    # Set false for an existing VPC that has them already (a second private-DNS endpoint fails).
+    vpc_endpoints: bool = True
+    max_azs: int = Field(default=2, ge=1, le=3)
+    nat_gateways: int = Field(default=1, ge=1, le=3)
+    # "private": job instances in the private subnets. "public" (new VPC only): public subnets with public
+    # IPs and a security group closed to inbound traffic, so multi-GB slide downloads from outside AWS pay
+    # no NAT data charge. The Lambda functions stay in the private subnets either way.
+    job_subnets: Literal["public", "private"] = "private"
+    # A PEM file (path relative to the repository root) with the CA certificates of hospital-internal
+    # Sectra servers. Added to the public roots for every outbound call of the functions and the job.
+    ca_bundle_file: str | None = None
 
     # --- storage -----------------------------------------------------------------------------
     slides_retention_days: int = Field(default=7, ge=1, le=3650)
@@ -111,10 +162,22 @@ class InfraConfig(BaseModel):
     # API Gateway writes access logs only with an account-wide CloudWatch role. False when the
     # account already has one (the setting is per account and region, the last writer wins).
     api_cloudwatch_role: bool = True
+    # WAF on the stage: requests per 5 minutes per source IP, and optionally only these source CIDRs.
+    waf_rate_limit: int = Field(default=1000, ge=100, le=2_000_000_000)
+    waf_allowed_cidrs: str = ""
+    # Vendor webhook bodies above this size are refused by WAF (Platform API bodies keep API Gateway's 10 MB).
+    webhook_body_limit_kb: int = 64
+    # What the Sectra registration shows (slidebridge.settings; unset = the runtime default).
+    public_url: str | None = None
+    sectra_application_id: str | None = Field(default=None, min_length=1, max_length=128)
+    sectra_display_name: str | None = Field(default=None, min_length=1, max_length=128)
+    sectra_context: str | None = None
 
     # --- operations --------------------------------------------------------------------------
     log_retention_days: int = 90
     alarm_email: str | None = None
+    # The "oldest queued job" alarm fires when a job has waited this long for an instance.
+    queue_age_alarm_minutes: int = Field(default=60, ge=5, le=24 * 60)
 
     # --- build -------------------------------------------------------------------------------
     # Relative paths are relative to the repository root (``python -m infra.bundle`` writes it).
@@ -122,14 +185,24 @@ class InfraConfig(BaseModel):
     # Tests synthesise against a source-only bundle; a real synth refuses one.
     allow_stub_lambda_bundle: bool = False
 
-    @field_validator("instance_classes", mode="before")
+    @field_validator(
+        "instance_classes", "vpc_subnet_ids", "vpc_availability_zones", "vpc_route_table_ids", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return _split(value)
+
+    @field_validator("vpc_subnet_ids", "vpc_availability_zones", "vpc_route_table_ids")
+    @classmethod
+    def _aws_ids(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        pattern = {
+            "vpc_subnet_ids": _SUBNET_ID,
+            "vpc_availability_zones": _AVAILABILITY_ZONE,
+            "vpc_route_table_ids": _ROUTE_TABLE_ID,
+        }[str(info.field_name)]
+        bad = [entry for entry in value if not pattern.match(entry)]
+        if bad:
+            raise ValueError(f"entries {bad} do not look like {pattern.pattern}")
         return value
 
     @field_validator("instance_classes")
@@ -151,7 +224,7 @@ class InfraConfig(BaseModel):
             raise ValueError(f"entries {bad} are not host, host:port or http://host[:port]")
         return ",".join(entries)
 
-    @field_validator("outbound_trusted_networks")
+    @field_validator("outbound_trusted_networks", "waf_allowed_cidrs")
     @classmethod
     def _cidr_list(cls, value: str) -> str:
         entries = [entry.strip() for entry in value.split(",") if entry.strip()]
@@ -159,12 +232,58 @@ class InfraConfig(BaseModel):
             ipaddress.ip_network(entry, strict=True)  # ValueError names the bad entry
         return ",".join(entries)
 
-    @field_validator("techcyte_api_url")
+    @field_validator("techcyte_api_url", "public_url")
     @classmethod
-    def _https_url(cls, value: str) -> str:
+    def _https_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.match(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/\S*)?$", value):
             raise ValueError("must be an https:// URL")
         return value.rstrip("/")
+
+    @field_validator("webhook_body_limit_kb")
+    @classmethod
+    def _waf_body_limit(cls, value: int) -> int:
+        if value not in WAF_BODY_LIMITS_KB:
+            raise ValueError(f"AWS WAF inspects API Gateway bodies only up to {list(WAF_BODY_LIMITS_KB)} KB")
+        return value
+
+    @field_validator("sectra_context", mode="before")
+    @classmethod
+    def _json_object_text(cls, value: Any) -> Any:
+        # cdk.json may hold the object itself; the runtime setting is JSON text.
+        if isinstance(value, dict):
+            return json.dumps(value, separators=(",", ":"))
+        if isinstance(value, str) and value.strip():
+            try:
+                loaded = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc.msg}") from None
+            if not isinstance(loaded, dict):
+                raise ValueError('must be a JSON object, e.g. {"autoRun": true}')
+            return json.dumps(loaded, separators=(",", ":"))
+        return value
+
+    @field_validator("ca_bundle_file")
+    @classmethod
+    def _ca_bundle(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = resolve_path(value)
+        if not path.is_file():
+            raise ValueError(f"no file at {path}")
+        text = path.read_text(encoding="ascii", errors="replace")
+        if "PRIVATE KEY" in text:
+            raise ValueError("holds a private key; only CA certificates belong there")
+        if len(text.encode()) > MAX_CA_BUNDLE_BYTES:
+            raise ValueError(f"over {MAX_CA_BUNDLE_BYTES} bytes: it travels in EC2 user data (16 KB in all)")
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ValueError("no PEM certificate in it")
+        try:
+            ssl.create_default_context(cadata=text)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"not a readable PEM CA bundle ({exc})") from None
+        return value
 
     @field_validator("log_retention_days")
     @classmethod
@@ -173,7 +292,17 @@ class InfraConfig(BaseModel):
             raise ValueError(f"CloudWatch Logs accepts only {sorted(_LOG_RETENTION_DAYS)}")
         return value
 
-    @field_validator("alarm_email", "techcyte_credentials_secret_arn", mode="before")
+    @field_validator(
+        "alarm_email",
+        "techcyte_credentials_secret_arn",
+        "vpc_id",
+        "ca_bundle_file",
+        "public_url",
+        "sectra_application_id",
+        "sectra_display_name",
+        "sectra_context",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `-c alarm_email=` passes an empty string: treat it as "not set".
@@ -186,6 +315,31 @@ class InfraConfig(BaseModel):
             raise ValueError("must be an e-mail address")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> InfraConfig:
+        if self.spot and 0 < self.on_demand_max_vcpus < MIN_VCPUS:
+            raise _key_error("on_demand_max_vcpus", f"0 (no fallback) or at least {MIN_VCPUS} (one job)")
+        if self.vpc_id is None:
+            for key in ("vpc_subnet_ids", "vpc_availability_zones", "vpc_route_table_ids"):
+                if getattr(self, key):
+                    raise _key_error(key, "only with vpc_id (a new VPC brings its own subnets)")
+            if self.nat_gateways > self.max_azs:
+                raise _key_error("nat_gateways", f"at most one per availability zone (max_azs={self.max_azs})")
+            return self
+        if not self.vpc_subnet_ids:
+            raise _key_error("vpc_subnet_ids", "the private subnets (with egress) of the VPC in vpc_id are needed")
+        if len(self.vpc_availability_zones) != len(self.vpc_subnet_ids):
+            raise _key_error("vpc_availability_zones", "one per subnet of vpc_subnet_ids, in the same order")
+        if self.vpc_route_table_ids and len(self.vpc_route_table_ids) != len(self.vpc_subnet_ids):
+            raise _key_error("vpc_route_table_ids", "one per subnet of vpc_subnet_ids, in the same order")
+        if self.vpc_endpoints and not self.vpc_route_table_ids:
+            raise _key_error(
+                "vpc_route_table_ids", "needed for the S3 and DynamoDB gateway endpoints (or set vpc_endpoints=false)"
+            )
+        if self.job_subnets != "private":
+            raise _key_error("job_subnets", "an existing VPC is used through its private subnets only")
+        return self
+
     # --- derived -----------------------------------------------------------------------------
 
     @property
@@ -195,6 +349,27 @@ class InfraConfig(BaseModel):
     @property
     def log_retention(self) -> logs.RetentionDays:
         return _LOG_RETENTION_DAYS[self.log_retention_days]
+
+    @property
+    def ca_bundle_pem(self) -> str | None:
+        """The hospital CA certificates (PEM text), if configured."""
+        if self.ca_bundle_file is None:
+            return None
+        return resolve_path(self.ca_bundle_file).read_text(encoding="ascii").strip() + "\n"
+
+    @property
+    def waf_allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(entry) for entry in self.waf_allowed_cidrs.split(",") if entry]
+
+    def sectra_registration_environment(self) -> dict[str, str]:
+        """The configured Sectra registration settings for the api function (unset ones keep their default)."""
+        values = {
+            "SLIDEBRIDGE_PUBLIC_URL": self.public_url,
+            "SLIDEBRIDGE_SECTRA_APPLICATION_ID": self.sectra_application_id,
+            "SLIDEBRIDGE_SECTRA_DISPLAY_NAME": self.sectra_display_name,
+            "SLIDEBRIDGE_SECTRA_CONTEXT": self.sectra_context,
+        }
+        return {name: value for name, value in values.items() if value is not None}
 
     def outbound_environment(self) -> dict[str, str]:
         """The outbound-URL policy variables (DESIGN §6) for every runtime component.
@@ -226,10 +401,19 @@ class InfraConfig(BaseModel):
         return cls.from_mapping({name: node.try_get_context(name) for name in cls.model_fields})
 
 
+def resolve_path(value: str) -> Path:
+    """A path from the context: absolute, or relative to the repository root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):
-        key = str(error["loc"][0]) if error["loc"] else "?"
         message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:
+            lines.append(message)  # a model validator's message names its key already
+            continue
+        key = str(error["loc"][0])
         lines.append(f"CDK context key '{key}': {message} (got {error.get('input')!r})")
     return "; ".join(lines)

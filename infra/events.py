@@ -1,11 +1,17 @@
-"""Events: Batch "job FAILED" state changes on our queue go to the ``job_events`` Lambda function.
+"""Events: failed Batch jobs go to the ``job_events`` function; a schedule runs the deadline sweep.
+
+``JobEvents``: Batch "job FAILED" state changes on our queue go to the ``job_events`` Lambda function.
 
 A job that dies without closing its run (killed, out of memory, spot reclaim after the last attempt,
 timeout, cancelled for lack of capacity) still has items in PROCESSING; the function ends them
-SYSTEM_ERROR and tells the vendor (DESIGN §4). Events that cannot be delivered or handled land in a DLQ.
+SYSTEM_ERROR and tells the vendor (DESIGN §4): it writes Sectra's result message and posts Techcyte's
+results (reading the stored per-scan results from the artifacts prefix), so it runs in the VPC's private
+subnets like the api function. Events that cannot be delivered or handled land in a DLQ.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import aws_cdk as cdk
 import aws_cdk.aws_events as events
@@ -18,9 +24,13 @@ from infra.batch import Jobs
 from infra.config import InfraConfig
 from infra.functions import python_function
 from infra.nag import acknowledge
-from infra.storage import Storage
+from infra.network import Network
+from infra.storage import ARTIFACTS_PREFIX, Storage
 
 JOB_EVENTS_HANDLER = "lambdas.job_events.handler.handler"
+SCHEDULER_HANDLER = "lambdas.scheduler.handler.handler"
+# How often runs past their scheduling.deadline are looked for (the job also checks before each item).
+DEADLINE_SWEEP_PERIOD = cdk.Duration.minutes(5)
 
 
 class JobEvents(Construct):
@@ -33,6 +43,9 @@ class JobEvents(Construct):
         code: lambda_.Code,
         storage: Storage,
         jobs: Jobs,
+        network: Network,
+        layers: Sequence[lambda_.ILayerVersion] = (),
+        extra_environment: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
 
@@ -61,14 +74,19 @@ class JobEvents(Construct):
             memory_size=512,
             # Asynchronous invocations that still fail after Lambda's own two retries.
             dead_letter_queue=self.dead_letter_queue,
+            storage=storage,
+            network=network,
+            layers=layers,
             environment={
                 **storage.data_environment(),
-                **storage.secrets_environment(),
+                "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
                 **config.outbound_environment(),
+                **(extra_environment or {}),
             },
         )
-        storage.grant_data_read_write(self.function)
-        storage.grant_secrets_read(self.function)
+        storage.grant_table(self.function)
+        storage.grant_objects(self.function, ARTIFACTS_PREFIX, read=True)
+        storage.grant_techcyte_credentials_read(self.function)
 
         self.rule = events.Rule(
             self,
@@ -87,4 +105,63 @@ class JobEvents(Construct):
                     max_event_age=cdk.Duration.hours(6),
                 )
             ],
+        )
+
+
+class DeadlineSweep(Construct):
+    """The ``scheduler`` function on a schedule: runs past their deadline are cancelled by the system.
+
+    A cancel stops the run's job (TerminateJob) and, for a Techcyte run, posts its results (stored
+    per-scan results from the artifacts prefix, the Techcyte credentials, Techcyte's API through the VPC).
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        code: lambda_.Code,
+        storage: Storage,
+        jobs: Jobs,
+        network: Network,
+        layers: Sequence[lambda_.ILayerVersion] = (),
+        extra_environment: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.function = python_function(
+            self,
+            "Function",
+            config=config,
+            code=code,
+            handler=SCHEDULER_HANDLER,
+            description="slidebridge scheduler: cancels runs past their deadline",
+            timeout=cdk.Duration.minutes(2),
+            memory_size=512,
+            storage=storage,
+            network=network,
+            layers=layers,
+            environment={
+                **storage.data_environment(),
+                "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
+                # The launcher only cancels here; it is built from the same settings as the api function's.
+                "SLIDEBRIDGE_LAUNCHER": "batch",
+                "SLIDEBRIDGE_JOB_QUEUE": jobs.job_queue.job_queue_arn,
+                "SLIDEBRIDGE_JOB_DEFINITION": jobs.job_definition.job_definition_arn,
+                **config.outbound_environment(),
+                **(extra_environment or {}),
+            },
+        )
+        storage.grant_table(self.function)
+        storage.grant_objects(self.function, ARTIFACTS_PREFIX, read=True)
+        storage.grant_techcyte_credentials_read(self.function)
+        jobs.grant_terminate(self.function)
+
+        self.rule = events.Rule(
+            self,
+            "Schedule",
+            description="slidebridge: cancel runs past their deadline",
+            schedule=events.Schedule.rate(DEADLINE_SWEEP_PERIOD),
+            # A missed sweep is made up by the next one.
+            targets=[targets.LambdaFunction(self.function, retry_attempts=0)],
         )

@@ -14,13 +14,15 @@ import aws_cdk as cdk
 import aws_cdk.aws_lambda as lambda_
 from constructs import Construct
 
+from infra import ca_bundle
 from infra.api import Api
 from infra.batch import Jobs
 from infra.bundle import REPO_ROOT, check_bundle
 from infra.config import InfraConfig
-from infra.events import JobEvents
+from infra.events import DeadlineSweep, JobEvents
 from infra.monitoring import Monitoring
 from infra.nag import apply_checks
+from infra.network import Network
 from infra.storage import Storage
 
 
@@ -41,11 +43,60 @@ class SlidebridgeStack(cdk.Stack):
         code = lambda_.Code.from_asset(str(lambda_asset_dir))
 
         self.storage = Storage(self, "Storage", config=config)
-        self.jobs = Jobs(self, "Batch", config=config, storage=self.storage)
-        self.api = Api(self, "Api", config=config, code=code, storage=self.storage, jobs=self.jobs)
-        self.job_events = JobEvents(self, "JobEvents", config=config, code=code, storage=self.storage, jobs=self.jobs)
+        self.network = Network(self, "Network", config=config, storage=self.storage)
+        self.jobs = Jobs(self, "Batch", config=config, storage=self.storage, network=self.network)
+
+        # The hospital CA bundle, for the two functions that call Sectra servers and Techcyte.
+        layers: list[lambda_.ILayerVersion] = []
+        function_ca: dict[str, str] = {}
+        hospital_pem = config.ca_bundle_pem
+        if hospital_pem:
+            layers.append(ca_bundle.lambda_layer(self, "CaBundle", hospital_pem))
+            function_ca["SLIDEBRIDGE_CA_BUNDLE"] = ca_bundle.LAMBDA_CA_BUNDLE
+
+        self.api = Api(
+            self,
+            "Api",
+            config=config,
+            code=code,
+            storage=self.storage,
+            jobs=self.jobs,
+            network=self.network,
+            layers=layers,
+            extra_environment=function_ca,
+        )
+        self.job_events = JobEvents(
+            self,
+            "JobEvents",
+            config=config,
+            code=code,
+            storage=self.storage,
+            jobs=self.jobs,
+            network=self.network,
+            layers=layers,
+            extra_environment=function_ca,
+        )
+        self.deadline_sweep = DeadlineSweep(
+            self,
+            "DeadlineSweep",
+            config=config,
+            code=code,
+            storage=self.storage,
+            jobs=self.jobs,
+            network=self.network,
+            layers=layers,
+            extra_environment=function_ca,
+        )
         self.monitoring = Monitoring(
-            self, "Monitoring", config=config, storage=self.storage, api=self.api, job_events=self.job_events
+            self,
+            "Monitoring",
+            config=config,
+            code=code,
+            storage=self.storage,
+            api=self.api,
+            jobs=self.jobs,
+            job_events=self.job_events,
+            deadline_sweep=self.deadline_sweep,
         )
 
         for name, text in (
@@ -59,6 +110,15 @@ class SlidebridgeStack(cdk.Stack):
                 )
 
         cdk.CfnOutput(self, "ApiUrl", value=self.api.rest_api.url, description="base URL of every route")
+        # The keys themselves stay in Secrets Manager: outputs are readable by anyone who may describe the
+        # stack. README "Deploying to AWS" prints the complete URLs.
+        for vendor in ("sectra", "techcyte"):
+            cdk.CfnOutput(
+                self,
+                f"{vendor.capitalize()}WebhookUrlTemplate",
+                value=f"{self.api.rest_api.url}hooks/{vendor}/<{vendor} key from WebhookKeysSecretArn>",
+                description=f"the {vendor} webhook URL, with the key from the webhook-keys secret",
+            )
         cdk.CfnOutput(
             self,
             "WebhookKeysSecretArn",
@@ -75,6 +135,9 @@ class SlidebridgeStack(cdk.Stack):
         cdk.CfnOutput(self, "TableName", value=self.storage.table.table_name)
         cdk.CfnOutput(self, "JobQueueArn", value=self.jobs.job_queue.job_queue_arn)
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn)
+        cdk.CfnOutput(self, "DashboardName", value=self.monitoring.dashboard.dashboard_name)
+        cdk.CfnOutput(self, "JobLogGroupName", value=self.jobs.job_log_group.log_group_name)
+        cdk.CfnOutput(self, "VpcId", value=self.network.vpc.vpc_id)
 
         cdk.Tags.of(self).add("project", "slidebridge")
         cdk.Tags.of(self).add("stage", config.stage)

@@ -12,6 +12,7 @@ import aws_cdk as cdk
 import aws_cdk.aws_dynamodb as dynamodb
 import aws_cdk.aws_iam as iam
 import aws_cdk.aws_kms as kms
+import aws_cdk.aws_logs as logs
 import aws_cdk.aws_s3 as s3
 import aws_cdk.aws_secretsmanager as secretsmanager
 from constructs import Construct
@@ -19,9 +20,12 @@ from constructs import Construct
 from infra.config import InfraConfig
 from infra.nag import acknowledge
 
-# S3 key prefixes; the same defaults as slidebridge.settings.Settings.slides_prefix / artifacts_prefix.
+# S3 key prefixes. The stack sets them on every component explicitly (SLIDEBRIDGE_*_PREFIX), so that the
+# lifecycle rules and the prefix-scoped grants below always describe the keys the code writes.
 SLIDES_PREFIX = "slides/"
 ARTIFACTS_PREFIX = "artifacts/"
+# Pathologists' corrections from Sectra (written by the api function); kept, no lifecycle rule.
+FEEDBACK_PREFIX = "feedback/"
 # The run table's TTL attribute (epoch seconds): vendor credentials and idempotency records expire.
 TTL_ATTRIBUTE = "expires_at"
 
@@ -38,6 +42,25 @@ class Storage(Construct):
             description="slidebridge: runs, slides, artifacts, vendor credentials, alarm topic",
             enable_key_rotation=True,
             removal_policy=removal,
+        )
+        # CloudWatch Logs encrypts this stack's log groups with the key (Lambda, job, API access, flow logs).
+        # The service needs the key policy's leave, limited to log groups of this account and region.
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal(f"logs.{cdk.Aws.REGION}.amazonaws.com")],
+                actions=["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+                resources=["*"],
+                conditions={
+                    "ArnLike": {
+                        "kms:EncryptionContext:aws:logs:arn": cdk.Stack.of(self).format_arn(
+                            service="logs",
+                            resource="log-group",
+                            resource_name="*",
+                            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    }
+                },
+            )
         )
 
         self.bucket = s3.Bucket(
@@ -157,46 +180,73 @@ class Storage(Construct):
             "both change together with the other party, which a rotation Lambda cannot do.",
         )
 
+    def log_group(self, scope: Construct, construct_id: str, config: InfraConfig) -> logs.LogGroup:
+        """A log group encrypted with the stack's key, kept for the configured retention."""
+        return logs.LogGroup(
+            scope,
+            construct_id,
+            retention=config.log_retention,
+            encryption_key=self.key,
+            removal_policy=cdk.RemovalPolicy.DESTROY,
+        )
+
     def data_environment(self) -> dict[str, str]:
         """The SLIDEBRIDGE_* variables every runtime component needs to find its data."""
         return {
             "SLIDEBRIDGE_TABLE_NAME": self.table.table_name,
             "SLIDEBRIDGE_BUCKET_NAME": self.bucket.bucket_name,
+            "SLIDEBRIDGE_ARTIFACTS_PREFIX": ARTIFACTS_PREFIX,
         }
 
-    def secrets_environment(self) -> dict[str, str]:
-        return {
-            "SLIDEBRIDGE_WEBHOOK_KEYS_SECRET_ARN": self.webhook_keys_secret.secret_arn,
-            "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": self.techcyte_credentials_secret.secret_arn,
-        }
-
-    def grant_data_read_write(self, grantee: iam.IGrantable) -> None:
-        """Table and bucket read/write (and use of the key for both)."""
+    def grant_table(self, grantee: iam.IGrantable) -> None:
+        """Read/write on the run table and its index (and the key, for the table's encryption)."""
         self.table.grant_read_write_data(grantee)
-        self.bucket.grant_read_write(grantee)
-        if isinstance(grantee, Construct):
-            # The wildcards these two grants write, each confined to this bucket, table or key.
-            for finding in (
-                "Action::s3:Abort*",
-                "Action::s3:DeleteObject*",
-                "Action::s3:GetBucket*",
-                "Action::s3:GetObject*",
-                "Action::s3:List*",
-                "Action::kms:GenerateDataKey*",
-                "Action::kms:ReEncrypt*",
-                f"Resource::<{_logical_id(self.bucket)}.Arn>/*",
-                f"Resource::<{_logical_id(self.table)}.Arn>/index/*",
-            ):
-                acknowledge(
-                    grantee,
-                    f"AwsSolutions-IAM5[{finding}]",
-                    "CDK grant on the data bucket (any object key), the run table (its indexes) or the "
-                    "stack's KMS key (data-key variants): scoped to that one resource.",
-                )
+        self._acknowledge_grants(grantee, f"Resource::<{_logical_id(self.table)}.Arn>/index/*")
 
-    def grant_secrets_read(self, grantee: iam.IGrantable) -> None:
+    def grant_objects(
+        self, grantee: iam.IGrantable, prefix: str, *, read: bool = False, write: bool = False, delete: bool = False
+    ) -> None:
+        """Objects under one key prefix of the data bucket, nothing else of it (no listing).
+
+        ``read``: GetObject (also what a presigned GET URL is signed for). ``write``: PutObject, with
+        AbortMultipartUpload for the multipart uploads of large artifacts. ``delete``: DeleteObject (also
+        what DeleteObjects needs per key).
+        """
+        actions = [
+            *(["s3:GetObject"] if read else []),
+            *(["s3:PutObject", "s3:AbortMultipartUpload"] if write else []),
+            *(["s3:DeleteObject"] if delete else []),
+        ]
+        if not actions:
+            raise ValueError("grant_objects needs read, write or delete")
+        grantee.grant_principal.add_to_principal_policy(
+            iam.PolicyStatement(actions=actions, resources=[self.bucket.arn_for_objects(f"{prefix}*")])
+        )
+        # SSE-KMS: reading decrypts; writing generates a data key (and multipart completion decrypts).
+        if write:
+            self.key.grant_encrypt_decrypt(grantee)
+        else:
+            self.key.grant_decrypt(grantee)
+        self._acknowledge_grants(grantee, f"Resource::<{_logical_id(self.bucket)}.Arn>/{prefix}*")
+
+    def grant_webhook_keys_read(self, grantee: iam.IGrantable) -> None:
         self.webhook_keys_secret.grant_read(grantee)
+
+    def grant_techcyte_credentials_read(self, grantee: iam.IGrantable) -> None:
         self.techcyte_credentials_secret.grant_read(grantee)
+
+    @staticmethod
+    def _acknowledge_grants(grantee: iam.IGrantable, resource_finding: str) -> None:
+        if not isinstance(grantee, Construct):
+            return
+        # The wildcards these grants write, each confined to this bucket prefix, table or key.
+        for finding in ("Action::kms:GenerateDataKey*", "Action::kms:ReEncrypt*", resource_finding):
+            acknowledge(
+                grantee,
+                f"AwsSolutions-IAM5[{finding}]",
+                "Grant on the data bucket (objects under one key prefix), the run table (its indexes) or the "
+                "stack's KMS key (data-key variants): scoped to that one resource.",
+            )
 
 
 def _logical_id(construct: Construct) -> str:

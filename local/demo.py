@@ -10,13 +10,20 @@ parameters, so re-runs are fast), uploads it to the local S3 and runs each flow 
   ``POST /hooks/sectra/{key}`` with a ``create``; the demo prints each update of the annotation
   ("Analysis queued" → "Analysing… 25 %" → … → the headline) and draws the final result on the slide
   thumbnail (``sectra-result.png``). See ``local/demo_sectra.py``.
+- ``techcyte``: a fake Techcyte API (in this process, on loopback, started before the stack so that
+  the stack posts its results there) registers a task with two scans (the slide and a small DICOM
+  series), POSTs its webhook body to ``/hooks/techcyte/{key}``, waits for the task's one results
+  POST, prints what the lab sees and draws the posted GeoJSON on the slide thumbnail
+  (``techcyte-result.png``). See ``local/demo_techcyte.py``.
 
-A flow is anything with a ``name`` and ``run(ctx) -> FlowResult``; the Techcyte flow slots in next
-to these. The demo exits 0 only if every flow succeeded.
+A flow is anything with a ``name`` and ``run(ctx) -> FlowResult``; a flow whose peer the stack must
+know at start also has ``prepare(env, resources)`` (:class:`StackPreparer`). The demo exits 0 only
+if every flow succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -38,6 +45,9 @@ from local.stack import (
     StackStartError,
 )
 from slidebridge.checksums import Crc32cHasher, crc32c_b64_of_file
+
+if TYPE_CHECKING:
+    from local.fake_techcyte import FakeTechcyte
 
 __all__ = [
     "FLOWS",
@@ -50,6 +60,8 @@ __all__ = [
     "PlatformFlow",
     "SectraFlow",
     "SlideFile",
+    "StackPreparer",
+    "TechcyteFlow",
     "cached_synthetic_slide",
     "platform_run_body",
     "run_demo",
@@ -281,6 +293,8 @@ class DemoContext:
     s3: Any
     # The stack's SLIDEBRIDGE_SECTRA_WEBHOOK_KEY (the path key of /hooks/sectra/{key}).
     sectra_webhook_key: str | None = None
+    # The stack's SLIDEBRIDGE_TECHCYTE_WEBHOOK_KEY (the path key of /hooks/techcyte/{key}).
+    techcyte_webhook_key: str | None = None
 
     def presigned_slide_url(self, key: str) -> str:
         return upload_slide(self.s3, self.bucket, self.slide.path, key)
@@ -307,6 +321,15 @@ class Flow(Protocol):
     name: str
 
     def run(self, ctx: DemoContext) -> FlowResult: ...
+
+
+@runtime_checkable
+class StackPreparer(Protocol):
+    """A flow whose peer the stack must know when it starts (e.g. the Techcyte API URL)."""
+
+    def prepare(self, env: dict[str, str], resources: contextlib.ExitStack) -> None:
+        """Called before the stack starts: start the peer (stopped by ``resources`` after the stack)
+        and put its settings into ``env``, the stack's environment. Raises ``DemoError``."""
 
 
 class Progress:
@@ -416,7 +439,28 @@ class SectraFlow:
         return run_sectra_flow(ctx, self.name)
 
 
-FLOWS: list[Flow] = [PlatformFlow(), SectraFlow()]
+class TechcyteFlow:
+    """A fake Techcyte API sends an AI request to the webhook; check and draw the one results POST."""
+
+    name = "techcyte"
+
+    def __init__(self) -> None:
+        self._fake: FakeTechcyte | None = None
+
+    def prepare(self, env: dict[str, str], resources: contextlib.ExitStack) -> None:
+        from local.demo_techcyte import start_fake_techcyte  # noqa: PLC0415 - PIL/openslide, only when run
+
+        self._fake = start_fake_techcyte(env, resources)
+
+    def run(self, ctx: DemoContext) -> FlowResult:
+        from local.demo_techcyte import run_techcyte_flow  # noqa: PLC0415
+
+        if self._fake is None:
+            raise DemoError("the fake Techcyte API was not started before the stack (prepare was not called)")
+        return run_techcyte_flow(ctx, self._fake, self.name)
+
+
+FLOWS: list[Flow] = [PlatformFlow(), SectraFlow(), TechcyteFlow()]
 
 
 # --- reporting ------------------------------------------------------------------------------------
@@ -539,7 +583,30 @@ def run_demo(
         return 1
     print(f"  slide {slide.path} ({_human_size(slide.path.stat().st_size)}, CRC32C {slide.checksum_base64_crc32c})")
 
+    selected = FLOWS if flows is None else flows
     env = stack_environment()
+    # Peers the stack calls (the fake Techcyte API) start first and stop after the stack.
+    resources = contextlib.ExitStack()
+    with resources:
+        try:
+            for flow in selected:
+                if isinstance(flow, StackPreparer):
+                    flow.prepare(env, resources)
+        except DemoError as exc:
+            print(f"demo FAILED: {exc}", file=sys.stderr, flush=True)
+            return 1
+        return _run_flows(selected, env, output_dir=output_dir, slide=slide, timeout_s=timeout_s, started=started)
+
+
+def _run_flows(
+    flows: list[Flow],
+    env: dict[str, str],
+    *,
+    output_dir: Path,
+    slide: SlideFile,
+    timeout_s: float,
+    started: float,
+) -> int:
     stack = StackProcess(output_dir / "local-stack.log", env=env)
     try:
         stack.start()
@@ -558,8 +625,9 @@ def run_demo(
             timeout_s=timeout_s,
             s3=stack.aws_client("s3"),
             sectra_webhook_key=env.get("SLIDEBRIDGE_SECTRA_WEBHOOK_KEY"),
+            techcyte_webhook_key=env.get("SLIDEBRIDGE_TECHCYTE_WEBHOOK_KEY"),
         )
-        for flow in FLOWS if flows is None else flows:
+        for flow in flows:
             print(f"\n-- flow {flow.name} --", flush=True)
             flow_start = time.monotonic()
             try:

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -232,6 +233,7 @@ class LocalStack:
         self._data_dir: Path | None = None
         self._moto: ThreadedMotoServer | None = None
         self._gateway: Gateway | None = None
+        self._sweeper: _DeadlineSweeper | None = None
         self.aws_endpoint_url = ""
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -280,10 +282,15 @@ class LocalStack:
 
         self._gateway = Gateway(_load_handler(), host=self._host, port=self._port)
         self._gateway.start()
+        self._sweeper = _DeadlineSweeper(settings.deadline_sweep_interval_s)
+        self._sweeper.start()
         logger.info("gateway at %s, AWS (moto) at %s", self._gateway.url, self.aws_endpoint_url)
 
     def stop(self) -> None:
         """Stop serving, end running jobs, stop moto, remove the temporary data dir; idempotent."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
         if self._gateway is not None:
             self._gateway.stop()
             self._gateway = None
@@ -329,12 +336,47 @@ class LocalStack:
         return f"slidebridge local stack ready at {self.url} (AWS endpoint {self.aws_endpoint_url})"
 
 
+class _DeadlineSweeper:
+    """Plays the EventBridge schedule that calls the ``scheduler`` Lambda in AWS: every ``interval_s``
+    it cancels the runs past their deadline (``slidebridge.scheduling.cancel_overdue_runs``), with
+    the same ProcessLauncher as the API, so that it stops their job processes."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="deadline-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        from slidebridge.launcher import launcher_from_settings  # noqa: PLC0415 - after the environment is set
+        from slidebridge.scheduling import cancel_overdue_runs  # noqa: PLC0415
+        from slidebridge.settings import get_settings  # noqa: PLC0415
+        from slidebridge.store import RunStore  # noqa: PLC0415
+
+        settings = get_settings()
+        store = RunStore(settings.table_name)
+        launcher = launcher_from_settings(settings)
+        while not self._stop.wait(self._interval_s):
+            try:
+                cancel_overdue_runs(store, launcher, settings=settings)
+            except Exception:
+                logger.exception("deadline sweep failed; trying again in %.0f s", self._interval_s)
+
+
 def _load_handler() -> Handler:
     # Imported after the environment is configured: the handler module builds its collaborators
     # from settings on first use.
     from lambdas.api.handler import handler  # noqa: PLC0415
 
-    return handler
+    # The handler's decorators (Powertools tracer, metrics) are untyped: state what it is.
+    typed: Handler = handler
+    return typed
 
 
 def _terminate_jobs() -> None:

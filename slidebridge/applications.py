@@ -6,30 +6,46 @@ sending, and ``POST /runs`` enforces it again (PLATFORM_API.md §3).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from slidebridge.errors import NotFoundError
+
+# SemVer 2.0 (semver.org's regex), as the 1.6.0 client checks version numbers; and the client's media
+# type pattern for artifact definitions (PLATFORM_API.md §8).
+SEMVER_PATTERN = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+MIME_TYPE_PATTERN = r"^\w+\/\w+[-+.|\w+]+\w+$"
+_SEMVER = re.compile(SEMVER_PATTERN)
+
+
+def is_semver(number: str) -> bool:
+    return _SEMVER.fullmatch(number) is not None
 
 
 class InputArtifactDefinition(BaseModel):
     name: str
-    mime_type: str
+    mime_type: str = Field(pattern=MIME_TYPE_PATTERN)
     metadata_schema: dict[str, Any]
 
 
 class OutputArtifactDefinition(BaseModel):
     name: str
-    mime_type: str
+    mime_type: str = Field(pattern=MIME_TYPE_PATTERN)
     metadata_schema: dict[str, Any]
     scope: Literal["ITEM", "GLOBAL"] = "ITEM"
     visibility: Literal["INTERNAL", "EXTERNAL"] = "EXTERNAL"
 
 
 class ApplicationVersion(BaseModel):
-    version_number: str
+    # Checked here, so that a registered version the client would reject fails at start, not per request.
+    version_number: str = Field(pattern=SEMVER_PATTERN)
     released_at: datetime
     changelog: str = ""
     input_artifacts: list[InputArtifactDefinition]
@@ -46,16 +62,28 @@ class Application(BaseModel):
     def version(self, number: str | None) -> ApplicationVersion:
         """The named version, or the latest by SemVer (as the SDK resolves "latest")."""
         if number is None:
-            return max(self.versions, key=lambda v: _semver_key(v.version_number))
+            return max(self.versions, key=lambda v: semver_key(v.version_number))
         for candidate in self.versions:
             if candidate.version_number == number:
                 return candidate
         raise NotFoundError(f"application {self.application_id} has no version {number}")
 
 
-def _semver_key(number: str) -> tuple[int, ...]:
-    core = number.split("-", 1)[0].split("+", 1)[0]
-    return tuple(int(part) for part in core.split("."))
+def semver_key(number: str) -> tuple[tuple[int, int, int], int, tuple[tuple[int, int | str], ...]]:
+    """SemVer 2.0 precedence: a pre-release sorts before its release; build metadata is ignored.
+
+    Pre-release identifiers compare numerically when numeric, else as text, and numeric ones sort
+    first (semver.org §11), which the SDK's ``semver`` package also follows. Raises ValueError for a
+    number that is not SemVer.
+    """
+    match = _SEMVER.fullmatch(number)
+    if match is None:
+        raise ValueError(f"not a SemVer 2.0 version number: {number!r}")
+    core = (int(match[1]), int(match[2]), int(match[3]))
+    if match[4] is None:
+        return core, 1, ()
+    identifiers = tuple((0, int(part)) if part.isdigit() else (1, part) for part in match[4].split("."))
+    return core, 0, identifiers
 
 
 WSI_METADATA_SCHEMA: dict[str, Any] = {

@@ -60,3 +60,8 @@ class ArtifactStore:
                 self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
                 )
+
+    def get_bytes(self, key: str) -> bytes:
+        """A small object's content (e.g. a stored vendor result), read whole."""
+        body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return body

@@ -78,3 +78,7 @@ class ValidationFailedError(SlidebridgeError):
         super().__init__(message)
         self.message = message
         self.loc = loc
+
+
+class PreconditionFailedError(SlidebridgeError):
+    """A conditional request's precondition no longer holds, e.g. a stale ``custom_metadata_checksum`` (HTTP 412)."""

@@ -57,7 +57,8 @@ class BatchLauncher:
         response = self.client.submit_job(
             jobName=f"slidebridge-{run_id}",
             jobQueue=self.job_queue,
-            # The definition's ARN without a revision: Batch uses its latest active revision.
+            # The stack passes the definition's full, revisioned ARN, which CloudFormation updates with
+            # every new revision (and IAM allows exactly that one): the current revision is submitted.
             jobDefinition=self.job_definition,
             parameters={"run_id": run_id},
             tags={"slidebridge:run_id": run_id},
@@ -121,12 +122,15 @@ class ProcessLauncher:
         code = process.wait()
         logger.info("local job %s (attempt %d) exited with %d", job_id, attempt, code)
         with self._lock:
-            retry = code == 75 and attempt < self.max_attempts and job_id not in self._cancelled
+            cancelled = job_id in self._cancelled
+            retry = code == 75 and attempt < self.max_attempts and not cancelled
             if not retry:
                 self._jobs.pop(job_id, None)
         if retry:
             self._start(job_id, run_id, attempt + 1)
-        elif code != 0 and self.on_job_failed is not None:
+        elif code != 0 and not cancelled and self.on_job_failed is not None:
+            # A job we stopped did not fail: whoever cancelled it closes its run (open items end SKIPPED).
+            # Reporting it would race that cancel and could end its items SYSTEM_ERROR instead.
             reason = f"local job exited with {code}" if code > 0 else f"local job killed by signal {-code}"
             try:
                 self.on_job_failed(run_id, reason)

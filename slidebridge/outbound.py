@@ -43,6 +43,7 @@ signatures and userinfo carries passwords.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,6 +75,12 @@ __all__ = [
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# httpx logs every request's full URL at INFO, presigned query (a bearer credential) included, and
+# httpcore logs headers at DEBUG. Every outbound client is built here, so this is where they are
+# quietened: our own logs name URLs through ``redact_url``.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 # (host, port) → the addresses a connection would try, as text.
 Resolver = Callable[[str, int], Sequence[str]]
 

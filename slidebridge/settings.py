@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     techcyte_client_id: str | None = None
     techcyte_client_secret: SecretStr | None = None
     techcyte_credentials_secret_arn: str | None = None
+    # Techcyte results (vendors/TECHCYTE.md §5): how our model is named in the AI results panel, the
+    # tissue area below which a scan gets qcFailReasons ["insufficient_tissue"], and the class whose
+    # share of the tissue is the headline (absent from the classifier: the tissue area is).
+    techcyte_model_name: str = "slidebridge he-tissue"
+    techcyte_provider: str = "slidebridge"
+    techcyte_ruo: bool = True
+    techcyte_min_tissue_mm2: float = Field(default=1.0, ge=0)
+    techcyte_headline_class: str | None = "cellular"
+    # Triage (PATCH /external/case): off unless a class is named. Score = the highest share of that
+    # class over the task's scans (0..1); category "priority" at or above the threshold, else "routine".
+    techcyte_triage_class: str | None = None
+    techcyte_triage_threshold: float = Field(default=0.5, ge=0, le=1)
+    # How long one job holds the "posting" lock before another may take over (must outlast a POST with
+    # its retries and the case-evaluations check).
+    techcyte_delivery_lease_s: int = Field(default=300, ge=10)
 
     # The public base URL of this deployment (API Gateway stage or custom domain), used to build the
     # registration URL Sectra's admin pastes in. Unset: derived from the request's Host header.
@@ -91,6 +106,11 @@ class Settings(BaseSettings):
     # The callback token is kept this long after the run ends, then DynamoDB's TTL removes it.
     credential_ttl_after_run_s: int = Field(default=3600, ge=0)
 
+    # --- scheduling ------------------------------------------------------------------------------
+    # How often the local stack looks for runs past their deadline (in AWS an EventBridge schedule
+    # calls the scheduler Lambda instead; the job also checks before each item).
+    deadline_sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
     # --- application -------------------------------------------------------------------------
     default_application_id: str = "he-tissue"
     default_application_version: str = "1.0.0"
@@ -98,7 +118,7 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------------------
     log_level: str = "INFO"
 
-    @field_validator("techcyte_client_id", mode="before")
+    @field_validator("techcyte_client_id", "techcyte_headline_class", "techcyte_triage_class", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # The deployed secret holds "" until an operator stores the real client id.

@@ -8,6 +8,9 @@ Layout (single table, string keys ``pk``/``sk``):
 | item        | ``RUN#<run_id>``   | ``ITEM#00007``| one per item, ordered by index                |
 | idempotency | ``IDEM#<key>``     | ``IDEM``      | a vendor delivery key → the run it started    |
 | API token   | ``TOKEN#<sha256>`` | ``TOKEN``     | only the hash of the token is stored          |
+| credential  | ``RUN#<run_id>``   | ``CRED#<name>``| a vendor token, apart from the run; TTL      |
+| delivery    | ``RUN#<run_id>``   | ``DELIVERY#<channel>`` | lock + outcome of a non-idempotent post |
+| deadline    | ``RUN#<run_id>``   | ``DEADLINE``  | gsi1: ``DEADLINES`` / ``<deadline>#<id>``; see below |
 
 Each run and item record holds its pydantic model as JSON in ``doc`` plus the attributes that
 conditions and atomic counters need (``state``, ``version``, the seven statistics counters).
@@ -22,13 +25,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.exceptions import ClientError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from slidebridge.errors import ConflictError, IllegalTransitionError, NotFoundError
 from slidebridge.runs import (
@@ -43,6 +48,7 @@ from slidebridge.runs import (
     RunTerminationReason,
     check_item_transition,
     check_run_transition,
+    new_id,
     utcnow,
 )
 
@@ -75,8 +81,8 @@ TABLE_DEFINITION: dict[str, Any] = {
 TTL_ATTRIBUTE = "expires_at"
 
 COUNTERS = tuple(RunStatistics.model_fields)
-# DynamoDB allows 100 actions per transaction; one is the run record, one the idempotency key.
-_MAX_ITEMS_IN_CREATE_TRANSACTION = 98
+# DynamoDB allows 100 actions per transaction.
+_MAX_ACTIONS_PER_TRANSACTION = 100
 _MAX_SETTLE_ATTEMPTS = 20
 
 
@@ -85,6 +91,40 @@ class Principal(BaseModel):
 
     user_id: str
     organization_id: str
+
+
+class DeliveryState(StrEnum):
+    POSTING = "posting"  # a holder is delivering; its lease says until when
+    DELIVERED = "delivered"
+    RELEASED = "released"  # the last attempt failed transiently; the next claim may go ahead
+    FAILED = "failed"  # refused for good by the peer; an operator must look
+
+
+class Delivery(BaseModel):
+    """The record of one non-idempotent delivery of a run (``RUN#<id>`` / ``DELIVERY#<channel>``)."""
+
+    state: DeliveryState
+    holder: str
+    attempts: int
+    lease_until: datetime
+    updated_at: datetime
+    error: str | None = None
+
+
+class DeliveryBusyError(ConflictError):
+    """Another holder is delivering now (its lease has not run out)."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        super().__init__(f"delivery in progress until {delivery.lease_until.isoformat()}")
+        self.delivery = delivery
+
+
+class DeliveryClosedError(ConflictError):
+    """The delivery was already made, or given up after a permanent refusal."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        super().__init__(f"delivery already {delivery.state}")
+        self.delivery = delivery
 
 
 class DuplicateRunError(ConflictError):
@@ -109,6 +149,26 @@ def _item_key(run_id: str, index: int) -> dict[str, Any]:
 
 def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
+
+
+_DEADLINES_PARTITION = "DEADLINES"
+
+
+def _sortable_time(value: datetime) -> str:
+    # Fixed width (always microseconds, always UTC) so that string order is time order; _iso drops
+    # ".000000" and keeps other offsets, and "10:00:00Z" would sort after "10:00:00.5Z".
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _deadline_record(run_id: str, deadline: datetime) -> dict[str, Any]:
+    return {
+        "pk": {"S": f"RUN#{run_id}"},
+        "sk": {"S": "DEADLINE"},
+        "gsi1pk": {"S": _DEADLINES_PARTITION},
+        "gsi1sk": {"S": f"{_sortable_time(deadline)}#{run_id}"},
+        "run_id": {"S": run_id},
+    }
 
 
 def _is_condition_failure(exc: ClientError) -> bool:
@@ -175,14 +235,32 @@ class RunStore:
 
     # --- runs ---------------------------------------------------------------------------------
 
-    def create_run(self, run: Run, items: list[Item], *, idempotency_key: str | None = None) -> Run:
+    def create_run(
+        self,
+        run: Run,
+        items: list[Item],
+        *,
+        idempotency_key: str | None = None,
+        credentials: dict[str, str] | None = None,
+    ) -> Run:
         """Store a new run with its items, all or nothing.
 
         With an ``idempotency_key``, a second call for the same key raises ``DuplicateRunError``
-        naming the first run, and writes nothing.
+        naming the first run, and writes nothing. ``credentials`` (name → secret, e.g. a vendor's
+        task token) are written with the run record, so a run never exists without them and a
+        refused duplicate leaves none behind.
         """
         run = run.model_copy(update={"statistics": RunStatistics.of_items(items), "version": 0})
-        puts: list[dict[str, Any]] = []
+        puts: list[dict[str, Any]] = [
+            {
+                "Put": {
+                    "TableName": self.table_name,
+                    "Item": self._credential_record(run.run_id, name, value),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+            for name, value in (credentials or {}).items()
+        ]
         if idempotency_key is not None:
             puts.append(
                 {
@@ -193,6 +271,16 @@ class RunStore:
                             "sk": {"S": "IDEM"},
                             "run_id": {"S": run.run_id},
                         },
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                    }
+                }
+            )
+        if run.scheduling is not None and run.scheduling.deadline is not None:
+            puts.append(
+                {
+                    "Put": {
+                        "TableName": self.table_name,
+                        "Item": _deadline_record(run.run_id, run.scheduling.deadline),
                         "ConditionExpression": "attribute_not_exists(pk)",
                     }
                 }
@@ -216,7 +304,7 @@ class RunStore:
             }
             for item in items
         ]
-        if len(items) <= _MAX_ITEMS_IN_CREATE_TRANSACTION:
+        if len(items) + len(puts) <= _MAX_ACTIONS_PER_TRANSACTION:
             try:
                 self.client.transact_write_items(TransactItems=puts + item_puts)
             except ClientError as exc:
@@ -315,6 +403,14 @@ class RunStore:
                 raise
             return self.get_run(run_id)
         raise ConflictError(f"run {run_id} kept changing; gave up after {_MAX_SETTLE_ATTEMPTS} attempts")
+
+    def update_run(self, run_id: str, change: Callable[[Run], Run | None]) -> Run:
+        """Apply ``change`` to the current run, conditioned on the version it read; re-read and re-apply on conflict.
+
+        ``change`` may raise to refuse (e.g. a stale precondition): nothing is written then. It returns the
+        new run, or None when nothing needs writing. The statistics counters are never written from here.
+        """
+        return self._update_run(run_id, change)
 
     def set_job_id(self, run_id: str, job_id: str) -> Run:
         return self._update_run(run_id, lambda run: run.model_copy(update={"job_id": job_id}))
@@ -487,6 +583,36 @@ class RunStore:
                 )
         return ended
 
+    def update_item(self, run_id: str, index: int, change: Callable[[Item], Item | None]) -> Item:
+        """Apply ``change`` to the current item without a state change (custom metadata, artifacts' output).
+
+        Conditioned on the version it read, re-read and re-applied on conflict, like ``update_run``.
+        ``change`` must not change the item's state: state changes go through ``transition_item``, which
+        keeps the run's counters in step.
+        """
+        for _ in range(_MAX_SETTLE_ATTEMPTS):
+            item = self.get_item(run_id, index)
+            updated = change(item)
+            if updated is None:
+                return item
+            if updated.state is not item.state:
+                raise IllegalTransitionError("update_item cannot change an item's state; use transition_item")
+            new_item = updated.model_copy(update={"version": item.version + 1})
+            try:
+                self.client.put_item(
+                    TableName=self.table_name,
+                    Item=self._item_record(new_item),
+                    ConditionExpression="#version = :expected",
+                    ExpressionAttributeNames={"#version": "version"},
+                    ExpressionAttributeValues={":expected": {"N": str(item.version)}},
+                )
+            except ClientError as exc:
+                if _is_condition_failure(exc):
+                    continue
+                raise
+            return new_item
+        raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
+
     def set_item_artifacts(self, run_id: str, index: int, artifacts: list[OutputArtifact]) -> Item:
         """Replace an item's output artifacts (e.g. mark them deleted) without a state change."""
         for _ in range(_MAX_SETTLE_ATTEMPTS):
@@ -536,6 +662,10 @@ class RunStore:
 
         The table is encrypted at rest with the stack's KMS key; ``expires_at`` feeds DynamoDB's TTL.
         """
+        self.client.put_item(TableName=self.table_name, Item=self._credential_record(run_id, name, value, expires_at))
+
+    @staticmethod
+    def _credential_record(run_id: str, name: str, value: str, expires_at: datetime | None = None) -> dict[str, Any]:
         item: dict[str, Any] = {
             "pk": {"S": f"RUN#{run_id}"},
             "sk": {"S": f"CRED#{name}"},
@@ -543,7 +673,7 @@ class RunStore:
         }
         if expires_at is not None:
             item[TTL_ATTRIBUTE] = {"N": str(int(expires_at.timestamp()))}
-        self.client.put_item(TableName=self.table_name, Item=item)
+        return item
 
     def get_credential(self, run_id: str, name: str) -> str | None:
         response = self.client.get_item(
@@ -579,6 +709,145 @@ class RunStore:
                 ExpressionAttributeValues={":ttl": {"N": str(expires_at)}},
             )
 
+    # --- delivery records -----------------------------------------------------------------------
+
+    def _delivery_key(self, run_id: str, channel: str) -> dict[str, Any]:
+        return {"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"DELIVERY#{channel}"}}
+
+    @staticmethod
+    def _delivery_from_record(record: dict[str, Any]) -> Delivery:
+        return Delivery(
+            state=DeliveryState(record["state"]["S"]),
+            holder=record["holder"]["S"],
+            attempts=int(record["attempts"]["N"]),
+            lease_until=datetime.fromtimestamp(int(record["lease_until"]["N"]), tz=UTC),
+            updated_at=datetime.fromisoformat(record["updated_at"]["S"]),
+            error=record["error"]["S"] if "error" in record else None,
+        )
+
+    def get_delivery(self, run_id: str, channel: str) -> Delivery | None:
+        response = self.client.get_item(
+            TableName=self.table_name, Key=self._delivery_key(run_id, channel), ConsistentRead=True
+        )
+        record = response.get("Item")
+        return None if record is None else self._delivery_from_record(record)
+
+    def claim_delivery(self, run_id: str, channel: str, *, lease_s: int) -> Delivery:
+        """Take the lock for a non-idempotent delivery (e.g. Techcyte's results POST, which appends).
+
+        Granted when nobody claimed it yet, when the last holder released it, or when the last
+        holder's lease ran out (it crashed mid-post). The returned record's ``attempts`` counts this
+        claim: above 1, an earlier holder may have delivered without recording it, so look at the
+        peer before sending again. Raises ``DeliveryBusyError`` while another holder's lease runs,
+        ``DeliveryClosedError`` once the delivery was made or given up.
+        """
+        now = utcnow()
+        holder = new_id()
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key=self._delivery_key(run_id, channel),
+                UpdateExpression=(
+                    "SET #state = :posting, holder = :holder, lease_until = :until, updated_at = :now "
+                    "REMOVE #error ADD attempts :one"
+                ),
+                ConditionExpression=(
+                    "attribute_not_exists(pk) OR #state = :released OR (#state = :posting AND lease_until < :epoch)"
+                ),
+                ExpressionAttributeNames={"#state": "state", "#error": "error"},
+                ExpressionAttributeValues={
+                    ":posting": {"S": DeliveryState.POSTING.value},
+                    ":released": {"S": DeliveryState.RELEASED.value},
+                    ":holder": {"S": holder},
+                    ":until": {"N": str(int(now.timestamp()) + lease_s)},
+                    ":epoch": {"N": str(int(now.timestamp()))},
+                    ":now": {"S": _iso(now)},
+                    ":one": {"N": "1"},
+                },
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if not _is_condition_failure(exc):
+                raise
+            current = self.get_delivery(run_id, channel)
+            if current is None:  # removed between the two reads: try again
+                return self.claim_delivery(run_id, channel, lease_s=lease_s)
+            if current.state is DeliveryState.POSTING:
+                raise DeliveryBusyError(current) from None
+            raise DeliveryClosedError(current) from None
+        return self._delivery_from_record(response["Attributes"])
+
+    def _settle_delivery(self, run_id: str, channel: str, holder: str, state: DeliveryState, error: str | None) -> None:
+        names = {"#state": "state"}
+        values: dict[str, Any] = {
+            ":state": {"S": state.value},
+            ":holder": {"S": holder},
+            ":now": {"S": _iso(utcnow())},
+        }
+        update = "SET #state = :state, updated_at = :now, lease_until = :zero"
+        values[":zero"] = {"N": "0"}
+        if error is not None:
+            update += ", #error = :error"
+            names["#error"] = "error"
+            values[":error"] = {"S": error[:1000]}
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._delivery_key(run_id, channel),
+                UpdateExpression=update,
+                ConditionExpression="holder = :holder",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                raise ConflictError(f"delivery {channel} of run {run_id} was taken over by another holder") from exc
+            raise
+
+    def finish_delivery(
+        self, run_id: str, channel: str, holder: str, *, delivered: bool, error: str | None = None
+    ) -> None:
+        """Close the delivery for good: made (``delivered``) or given up (a permanent refusal)."""
+        state = DeliveryState.DELIVERED if delivered else DeliveryState.FAILED
+        self._settle_delivery(run_id, channel, holder, state, error)
+
+    def release_delivery(self, run_id: str, channel: str, holder: str, *, error: str) -> None:
+        """Give the lock back after a transient failure, so that a retry may claim it at once."""
+        self._settle_delivery(run_id, channel, holder, DeliveryState.RELEASED, error)
+
+    # --- deadlines ----------------------------------------------------------------------------
+    #
+    # A run with a ``scheduling.deadline`` gets one more record, written in the same transaction as
+    # the run: pk ``RUN#<id>``, sk ``DEADLINE``, gsi1 ``DEADLINES`` / ``<deadline>#<id>``. Only runs
+    # with a deadline have it (a sparse set), so the scheduler's sweep finds the runs whose deadline
+    # has passed with one gsi1 Query bounded by "now", never a scan, however many runs the table holds.
+    # The sweep removes a record once its run has ended, so the set holds only pending deadlines and
+    # deadlines passed since the last sweep.
+
+    def due_deadlines(self, now: datetime) -> Iterator[str]:
+        """The ids of runs whose deadline is at or before ``now`` and whose record the sweep has not removed."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": "gsi1",
+            # "<deadline>#<id>" < "<now>$" exactly when deadline <= now ("$" sorts right after "#").
+            "KeyConditionExpression": "gsi1pk = :pk AND gsi1sk < :bound",
+            "ExpressionAttributeValues": {
+                ":pk": {"S": _DEADLINES_PARTITION},
+                ":bound": {"S": f"{_sortable_time(now)}$"},
+            },
+        }
+        while True:
+            response = self.client.query(**kwargs)
+            for record in response.get("Items", []):
+                yield record["run_id"]["S"]
+            if "LastEvaluatedKey" not in response:
+                return
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def forget_deadline(self, run_id: str) -> None:
+        """Remove a run's deadline record (its run has ended, or was cancelled for it)."""
+        self.client.delete_item(TableName=self.table_name, Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": "DEADLINE"}})
+
     # --- listing ------------------------------------------------------------------------------
 
     def iter_runs(self, organization_id: str, *, newest_first: bool = True) -> Iterator[Run]:
@@ -599,19 +868,169 @@ class RunStore:
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
     # --- API tokens ---------------------------------------------------------------------------
+    #
+    # | record    | pk                 | sk             | gsi1pk           | gsi1sk                    |
+    # |-----------|--------------------|----------------|------------------|---------------------------|
+    # | API token | ``TOKEN#<sha256>`` | ``TOKEN``      | ``TOKENS#<org>`` | ``<created_at>#<sha256>`` |
+    # | token org | ``TOKENORG#<org>`` | ``TOKENORG``   | ``TOKENORGS``    | ``<org>``                 |
+    #
+    # Only the token's SHA-256 is stored, with a short display prefix (too short to guess the rest).
+    # gsi1 lists one organisation's tokens; the "token org" records list the organisations that have
+    # tokens, so that listing every token is a few queries and never a scan of the whole table.
 
-    def register_api_token(self, token: str, *, user_id: str, organization_id: str) -> None:
-        """Store (the hash of) a Platform API token bound to a user and organisation; idempotent."""
-        self.client.put_item(
-            TableName=self.table_name,
-            Item={
-                "pk": {"S": f"TOKEN#{hash_token(token)}"},
-                "sk": {"S": "TOKEN"},
-                "user_id": {"S": user_id},
-                "organization_id": {"S": organization_id},
-                "created_at": {"S": _iso(utcnow())},
-            },
+    def _token_records(
+        self, token: str, *, user_id: str, organization_id: str, label: str | None, prefix: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        digest = hash_token(token)
+        created_at = _iso(utcnow())
+        record: dict[str, Any] = {
+            "pk": {"S": f"TOKEN#{digest}"},
+            "sk": {"S": "TOKEN"},
+            "gsi1pk": {"S": f"TOKENS#{organization_id}"},
+            "gsi1sk": {"S": f"{created_at}#{digest}"},
+            "token_id": {"S": _token_id(digest)},
+            "prefix": {"S": prefix},
+            "user_id": {"S": user_id},
+            "organization_id": {"S": organization_id},
+            "created_at": {"S": created_at},
+        }
+        if label:
+            record["label"] = {"S": label}
+        org_record: dict[str, Any] = {
+            "pk": {"S": f"TOKENORG#{organization_id}"},
+            "sk": {"S": "TOKENORG"},
+            "gsi1pk": {"S": "TOKENORGS"},
+            "gsi1sk": {"S": organization_id},
+        }
+        return record, org_record
+
+    def _put_token(self, record: dict[str, Any], org_record: dict[str, Any], condition: str) -> None:
+        # One transaction: a token is never listed under an organisation that is not itself listed.
+        self.client.transact_write_items(
+            TransactItems=[
+                {"Put": {"TableName": self.table_name, "Item": org_record}},
+                {"Put": {"TableName": self.table_name, "Item": record, "ConditionExpression": condition}},
+            ]
         )
+
+    def register_api_token(
+        self, token: str, *, user_id: str, organization_id: str, label: str | None = None
+    ) -> ApiTokenInfo:
+        """Store (the hash of) a given Platform API token bound to a user and organisation; idempotent.
+
+        The local stack registers ``SLIDEBRIDGE_API_TOKEN`` this way. A revoked token stays revoked:
+        registering it again raises IllegalTransitionError.
+        """
+        record, org_record = self._token_records(
+            token, user_id=user_id, organization_id=organization_id, label=label, prefix=_display_prefix(token)
+        )
+        try:
+            self._put_token(record, org_record, "attribute_not_exists(revoked_at)")
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                raise IllegalTransitionError("this API token was revoked; it cannot be registered again") from exc
+            raise
+        return _token_info(record)
+
+    def create_api_token(
+        self, *, user_id: str, organization_id: str, label: str | None = None
+    ) -> tuple[str, ApiTokenInfo]:
+        """A new random API token: (the token in plain text, what is stored about it).
+
+        The plain text exists only in the return value; the table keeps its hash.
+        """
+        if not user_id or not organization_id:
+            raise ValueError("an API token needs a user and an organisation")
+        # 32 random bytes (256 bits); the "sb_" marker lets secret scanners recognise a leaked token.
+        token = _TOKEN_MARKER + secrets.token_urlsafe(32)
+        record, org_record = self._token_records(
+            token,
+            user_id=user_id,
+            organization_id=organization_id,
+            label=label,
+            prefix=token[: len(_TOKEN_MARKER) + _GENERATED_PREFIX_CHARS],
+        )
+        self._put_token(record, org_record, "attribute_not_exists(pk)")
+        return token, _token_info(record)
+
+    def _query_gsi1(self, partition: str) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": "gsi1",
+            "KeyConditionExpression": "gsi1pk = :pk",
+            "ExpressionAttributeValues": {":pk": {"S": partition}},
+        }
+        while True:
+            response = self.client.query(**kwargs)
+            yield from response.get("Items", [])
+            if "LastEvaluatedKey" not in response:
+                return
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def list_api_tokens(self, organization_id: str | None) -> list[ApiTokenInfo]:
+        """The tokens of one organisation (None: of every organisation), oldest first; revoked ones too.
+
+        Queries on gsi1 only (one per organisation), never a scan of the table.
+        """
+        if organization_id is None:
+            organizations = [record["gsi1sk"]["S"] for record in self._query_gsi1("TOKENORGS")]
+        else:
+            organizations = [organization_id]
+        tokens = [
+            _token_info(record)
+            for organization in organizations
+            for record in self._query_gsi1(f"TOKENS#{organization}")
+        ]
+        return sorted(tokens, key=lambda info: (info.created_at, info.token_id))
+
+    def find_api_token(self, token_id_or_prefix: str) -> ApiTokenInfo:
+        """The one token with this id, display prefix or plain text.
+
+        Raises NotFoundError when none matches and ConflictError when a prefix matches several.
+        """
+        # The plain token itself (e.g. one that leaked): found by its hash without listing anything.
+        response = self.client.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"TOKEN#{hash_token(token_id_or_prefix)}"}, "sk": {"S": "TOKEN"}},
+            ConsistentRead=True,
+        )
+        if "Item" in response:
+            return _token_info(response["Item"])
+        tokens = self.list_api_tokens(None)
+        matches = [info for info in tokens if info.token_id == token_id_or_prefix]
+        if not matches:
+            matches = [info for info in tokens if info.prefix and info.prefix == token_id_or_prefix]
+        if not matches:
+            raise NotFoundError(f"no API token with id or prefix {token_id_or_prefix!r}")
+        if len(matches) > 1:
+            ids = ", ".join(info.token_id for info in matches)
+            raise ConflictError(
+                f"{len(matches)} API tokens have the prefix {token_id_or_prefix!r} ({ids}); give the id"
+            )
+        return matches[0]
+
+    def revoke_api_token(self, token_id_or_prefix: str) -> ApiTokenInfo:
+        """Revoke a token (see ``find_api_token``); ``authenticate`` refuses it from then on.
+
+        Raises IllegalTransitionError when it was already revoked (the record keeps the first time).
+        """
+        info = self.find_api_token(token_id_or_prefix)
+        if info.revoked_at is not None:
+            raise IllegalTransitionError(f"API token {info.token_id} was already revoked at {_iso(info.revoked_at)}")
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": f"TOKEN#{info.token_hash}"}, "sk": {"S": "TOKEN"}},
+                UpdateExpression="SET revoked_at = :now",
+                ConditionExpression="attribute_exists(pk) AND attribute_not_exists(revoked_at)",
+                ExpressionAttributeValues={":now": {"S": _iso(utcnow())}},
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                raise IllegalTransitionError(f"API token {info.token_id} was revoked meanwhile") from exc
+            raise
+        return _token_info(response["Attributes"])
 
     def authenticate(self, token: str) -> Principal | None:
         response = self.client.get_item(
@@ -622,3 +1041,48 @@ class RunStore:
         if record is None or "revoked_at" in record:
             return None
         return Principal(user_id=record["user_id"]["S"], organization_id=record["organization_id"]["S"])
+
+
+# --- API tokens (module level: the model and helpers of the section above) ------------------------------
+
+_TOKEN_MARKER = "sb_"  # noqa: S105 - a public marker at the start of every generated token, not a secret
+_GENERATED_PREFIX_CHARS = 6  # 36 bits of the token shown for recognition; 220 bits stay secret
+_TOKEN_ID_CHARS = 16
+
+
+class ApiTokenInfo(BaseModel):
+    """What is stored about an API token: never the token itself."""
+
+    token_id: str
+    # Needed to address the record; left out of dumps (the CLI's JSON), as nobody needs to see it.
+    token_hash: str = Field(exclude=True, repr=False)
+    prefix: str
+    user_id: str
+    organization_id: str
+    label: str | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+def _token_id(digest: str) -> str:
+    # Part of the hash, not of the token: naming the token in logs or tickets reveals nothing.
+    return digest[:_TOKEN_ID_CHARS]
+
+
+def _display_prefix(token: str) -> str:
+    # Tokens given from outside (SLIDEBRIDGE_API_TOKEN) may be short: never show more than a quarter.
+    return token[: min(len(_TOKEN_MARKER) + _GENERATED_PREFIX_CHARS, len(token) // 4)]
+
+
+def _token_info(record: dict[str, Any]) -> ApiTokenInfo:
+    digest = record["pk"]["S"].removeprefix("TOKEN#")
+    return ApiTokenInfo(
+        token_id=record.get("token_id", {}).get("S") or _token_id(digest),
+        token_hash=digest,
+        prefix=record.get("prefix", {}).get("S", ""),
+        user_id=record["user_id"]["S"],
+        organization_id=record["organization_id"]["S"],
+        label=record.get("label", {}).get("S"),
+        created_at=datetime.fromisoformat(record["created_at"]["S"]),
+        revoked_at=(datetime.fromisoformat(record["revoked_at"]["S"]) if "revoked_at" in record else None),
+    )

@@ -11,6 +11,7 @@ from slidebridge.platform import PlatformService
 from slidebridge.settings import get_settings
 from slidebridge.store import RunStore
 from slidebridge.vendors.sectra_service import SectraService
+from slidebridge.vendors.techcyte_service import TechcyteService
 from slidebridge.webhook_keys import WebhookKeys
 
 
@@ -28,6 +29,7 @@ def platform_service() -> PlatformService:
         launcher_from_settings(settings),
         OutboundPolicy.from_settings(settings),
         artifact_url_ttl_s=settings.artifact_url_ttl_s,
+        settings=settings,
     )
 
 
@@ -53,6 +55,14 @@ def sectra_service() -> SectraService:
     )
 
 
+@lru_cache(maxsize=1)
+def techcyte_service() -> TechcyteService:
+    settings = get_settings()
+    return TechcyteService(
+        settings, run_store(), launcher_from_settings(settings), OutboundPolicy.from_settings(settings)
+    )
+
+
 def reset() -> None:
     """Forget cached collaborators (tests change settings between cases)."""
     get_settings.cache_clear()
@@ -60,3 +70,4 @@ def reset() -> None:
     platform_service.cache_clear()
     webhook_keys.cache_clear()
     sectra_service.cache_clear()
+    techcyte_service.cache_clear()

@@ -10,30 +10,35 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from lambdas.api import platform_routes, sectra_routes
+from lambdas.api import platform_routes, sectra_routes, techcyte_routes
 from lambdas.api.http import (
     AuthenticationError,
     RequestValidationError,
     UnknownWebhookKeyError,
     json_response,
 )
+from lambdas.observability import metrics, observe_api_requests, tracer
 from slidebridge.errors import (
     ConflictError,
     IllegalTransitionError,
     NotFoundError,
+    PreconditionFailedError,
     SlidebridgeError,
     UrlNotAllowedError,
     ValidationFailedError,
 )
-from slidebridge.platform import ArtifactGoneError
+from slidebridge.listing import ListQueryError
+from slidebridge.platform import ArtifactGoneError, MetadataSchemaError
 from slidebridge.vendors.sectra import SectraAuthError, SectraError, SectraNotFoundError
 
 logger = Logger(service="slidebridge")
 app = APIGatewayRestResolver()
 app.include_router(platform_routes.router)
 app.include_router(sectra_routes.router)
+app.include_router(techcyte_routes.router)
 
 
 def _is_sectra() -> bool:
@@ -48,11 +53,44 @@ def error(status: int, message: str, *, detail: Any = None) -> Response[str]:
     return json_response(status, {"detail": detail if detail is not None else message})
 
 
+def _is_techcyte() -> bool:
+    return app.current_event.path.startswith("/hooks/techcyte/")
+
+
 @app.exception_handler(RequestValidationError)
 def on_request_validation(exc: RequestValidationError) -> Response[str]:
     first = exc.errors[0] if exc.errors else {"loc": ["body"], "msg": "invalid"}
     where = ".".join(str(p) for p in first["loc"])
-    return error(422, f"invalid request: {where}: {first['msg']}", detail=exc.errors)
+    message = f"invalid request: {where}: {first['msg']}"
+    if _is_techcyte():
+        # Techcyte's example answers {"detail": "Invalid request: ..."}; 400 when the body is not JSON.
+        unreadable = first.get("type") == "json_invalid" or (
+            first.get("type") == "missing" and list(first["loc"]) == ["body"]
+        )
+        status = 400 if unreadable else 422
+        messages = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors[:5])
+        return json_response(status, {"detail": f"invalid request: {messages}"})
+    return error(422, message, detail=exc.errors)
+
+
+@app.exception_handler(ListQueryError)
+def on_list_query(exc: ListQueryError) -> Response[str]:
+    # A bad page, sort or filter parameter: 422 in FastAPI's shape, unlike other ValidationFailedErrors (400).
+    response: Response[str] = on_request_validation(RequestValidationError([exc.detail()]))
+    return response
+
+
+@app.exception_handler(MetadataSchemaError)
+def on_metadata_schema(exc: MetadataSchemaError) -> Response[str]:
+    # POST /runs: an input artifact's metadata fails its version's metadata_schema; 422 naming item and field.
+    response: Response[str] = on_request_validation(RequestValidationError([exc.detail()]))
+    return response
+
+
+@app.exception_handler(PreconditionFailedError)
+def on_precondition_failed(exc: PreconditionFailedError) -> Response[str]:
+    # A stale custom_metadata_checksum: someone changed the metadata since the caller read it.
+    return error(412, str(exc))
 
 
 @app.exception_handler(ValidationFailedError)
@@ -133,6 +171,10 @@ def on_unknown_route(_exc: Exception) -> Response[str]:
     return error(404, f"no route for {app.current_event.http_method} {app.current_event.path}")
 
 
-@logger.inject_lambda_context(clear_state=True)
+# Responses can carry presigned URLs and vendor data: traces record neither responses nor exception text.
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)
+@metrics.log_metrics
+@logger.inject_lambda_context(clear_state=True, correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@observe_api_requests(logger)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

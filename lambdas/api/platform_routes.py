@@ -8,12 +8,28 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from lambdas.api.deps import platform_service, run_store
-from lambdas.api.http import AuthenticationError, json_response, parse_body, require_uuid
+from lambdas.api.http import (
+    AuthenticationError,
+    RequestValidationError,
+    json_response,
+    parse_body,
+    require_uuid,
+)
+from slidebridge.applications import is_semver
+from slidebridge.openapi import OPENAPI_PATH, openapi_document
 from slidebridge.platform import (
+    CustomMetadataUpdateRequest,
+    CustomMetadataUpdateResponse,
+    ItemListQuery,
     RunCreationRequest,
     RunCreationResponse,
+    RunListQuery,
+    application_list_query,
     item_view,
     list_applications,
+    me_view,
+    read_application,
+    read_version,
     run_view,
 )
 from slidebridge.store import Principal
@@ -32,10 +48,65 @@ def principal() -> Principal:
     return found
 
 
+def query_params() -> dict[str, list[str]]:
+    """Every query parameter with all its values (``sort=a&sort=-b``), already URL-decoded by the gateway."""
+    event = router.current_event
+    params = {name: list(values) for name, values in (event.multi_value_query_string_parameters or {}).items()}
+    # Events without the multi-value map (hand-written ones) still carry the single-value map.
+    for name, value in (event.query_string_parameters or {}).items():
+        params.setdefault(name, [value])
+    return params
+
+
+def require_semver(name: str, value: str) -> str:
+    if not is_semver(value):
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ["path", name],
+                    "msg": "Input should be a SemVer 2.0 version number, e.g. 1.0.0",
+                    "type": "string_pattern_mismatch",
+                    "input": value,
+                }
+            ]
+        )
+    return value
+
+
+@router.get(OPENAPI_PATH)
+def get_openapi() -> Response[str]:
+    # Public, as FastAPI serves it: the document describes the API and holds no data.
+    return json_response(200, openapi_document())
+
+
+@router.get("/api/v1/me")
+def get_me() -> Response[str]:
+    return json_response(200, me_view(principal()))
+
+
 @router.get("/api/v1/applications")
 def get_applications() -> Response[str]:
     principal()
-    return json_response(200, list_applications())
+    return json_response(200, list_applications(application_list_query(query_params())))
+
+
+@router.get("/api/v1/applications/<application_id>")
+def get_application(application_id: str) -> Response[str]:
+    principal()
+    return json_response(200, read_application(unquote(application_id)))
+
+
+@router.get("/api/v1/applications/<application_id>/versions/<version>")
+def get_application_version(application_id: str, version: str) -> Response[str]:
+    principal()
+    return json_response(200, read_version(unquote(application_id), require_semver("version", unquote(version))))
+
+
+@router.get("/api/v1/runs")
+def get_runs() -> Response[str]:
+    caller = principal()
+    runs = platform_service().list_runs(caller, RunListQuery.from_params(query_params()))
+    return json_response(200, [run_view(run) for run in runs])
 
 
 @router.post("/api/v1/runs")
@@ -56,9 +127,9 @@ def get_run(run_id: str) -> Response[str]:
 @router.get("/api/v1/runs/<run_id>/items")
 def get_run_items(run_id: str) -> Response[str]:
     caller = principal()
-    service = platform_service()
-    run = service.get_visible_run(caller, require_uuid("run_id", run_id))
-    return json_response(200, [item_view(item) for item in service.store.list_items(run.run_id)])
+    run_id = require_uuid("run_id", run_id)
+    items = platform_service().list_run_items(caller, run_id, ItemListQuery.from_params(query_params()))
+    return json_response(200, [item_view(item) for item in items])
 
 
 @router.get("/api/v1/runs/<run_id>/items/<external_id>")
@@ -76,3 +147,36 @@ def get_artifact_file(run_id: str, artifact_id: str) -> Response[str]:
         caller, require_uuid("run_id", run_id), require_uuid("artifact_id", artifact_id)
     )
     return Response(status_code=307, headers={"Location": url}, content_type="application/json", body="null")
+
+
+@router.post("/api/v1/runs/<run_id>/cancel")
+def post_cancel(run_id: str) -> Response[str]:
+    caller = principal()
+    platform_service().cancel(caller, require_uuid("run_id", run_id))
+    return json_response(202, None)
+
+
+@router.delete("/api/v1/runs/<run_id>/artifacts")
+def delete_artifacts(run_id: str) -> Response[str]:
+    caller = principal()
+    platform_service().delete_artifacts(caller, require_uuid("run_id", run_id))
+    return json_response(200, None)
+
+
+@router.put("/api/v1/runs/<run_id>/custom-metadata")
+def put_run_metadata(run_id: str) -> Response[str]:
+    caller = principal()
+    run_id = require_uuid("run_id", run_id)
+    request = parse_body(router.current_event, CustomMetadataUpdateRequest)
+    checksum = platform_service().put_run_custom_metadata(caller, run_id, request)
+    return json_response(200, CustomMetadataUpdateResponse(custom_metadata_checksum=checksum))
+
+
+@router.put("/api/v1/runs/<run_id>/items/<external_id>/custom-metadata")
+def put_item_metadata(run_id: str, external_id: str) -> Response[str]:
+    caller = principal()
+    run_id = require_uuid("run_id", run_id)
+    request = parse_body(router.current_event, CustomMetadataUpdateRequest)
+    # Decoded exactly once, as for GET .../items/{external_id}.
+    checksum = platform_service().put_item_custom_metadata(caller, run_id, unquote(external_id), request)
+    return json_response(200, CustomMetadataUpdateResponse(custom_metadata_checksum=checksum))

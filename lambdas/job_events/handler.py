@@ -13,6 +13,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
 from lambdas.api.deps import run_store
+from lambdas.observability import metrics, observe_job_events, tracer
 from slidebridge.errors import NotFoundError
 from slidebridge.jobs import close_failed_job
 from slidebridge.settings import get_settings
@@ -32,7 +33,11 @@ class BatchJobStateDetail(BaseModel):
     array_properties: dict[str, Any] = Field(default_factory=dict, alias="arrayProperties")
 
 
+# Traces record neither the answer nor exception text (reasons can quote vendor answers).
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)
+@metrics.log_metrics
 @logger.inject_lambda_context(clear_state=True)
+@observe_job_events(logger)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     detail = BatchJobStateDetail.model_validate(event.get("detail", {}))
     run_id = detail.parameters.get("run_id")

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from local.demo import DemoError, PlatformClient, SlideFile, cached_synthetic_slide, stack_environment
+from local.demo_techcyte import techcyte_stack_environment
+from local.fake_techcyte import FakeTechcyte
 from local.stack import REPO_ROOT, StackProcess
 
 # The contract names the project's venv interpreter (DESIGN §7); fall back to ours elsewhere.
@@ -59,10 +61,18 @@ def venv_python() -> str:
 
 
 @pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
+def techcyte_fake() -> Iterator[FakeTechcyte]:
+    """The fake Techcyte API on loopback, started before the session's stack, which posts results to it."""
+    with FakeTechcyte(client_id="e2e-techcyte-client", client_secret="e2e-techcyte-secret-2d81") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory, techcyte_fake: FakeTechcyte) -> Iterator[StackProcess]:
     """One local stack for the session (port 0: a free port), stopped with SIGTERM at the end."""
     log = tmp_path_factory.mktemp("stack") / "local-stack.log"
-    stack = StackProcess(log, env=e2e_environment(), python=PYTHON)
+    env = {**e2e_environment(), **techcyte_stack_environment(techcyte_fake)}
+    stack = StackProcess(log, env=env, python=PYTHON)
     stack.start()
     try:
         yield stack

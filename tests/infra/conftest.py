@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.infra.support import VARIANT_CONTEXT, make_ca_pem
+
 if TYPE_CHECKING:
     import aws_cdk as cdk
     from aws_cdk.assertions import Template
@@ -116,15 +118,41 @@ def built_app(stub_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Bu
     return BuiltApp(app=app, stack=stack, outdir=outdir)
 
 
-@pytest.fixture(scope="session")
-def synth(built_app: BuiltApp) -> Iterator[Synthesized]:
+def synthesize(built: BuiltApp) -> Synthesized:
     from aws_cdk.assertions import Template  # noqa: PLC0415 - see pytest_configure
 
     # A real synthesis: it runs the validation plugins (cdk-nag) and fails on unacknowledged findings.
-    assembly = built_app.app.synth()
-    template_json = assembly.get_stack_artifact(built_app.stack.artifact_id).template
-    yield Synthesized(
-        stack=built_app.stack,
+    assembly = built.app.synth()
+    template_json = assembly.get_stack_artifact(built.stack.artifact_id).template
+    return Synthesized(
+        stack=built.stack,
         template=Template.from_json(template_json),
         resources=template_json["Resources"],
     )
+
+
+@pytest.fixture(scope="session")
+def synth(built_app: BuiltApp) -> Iterator[Synthesized]:
+    yield synthesize(built_app)
+
+
+@pytest.fixture(scope="session")
+def hospital_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "hospital-ca.pem"
+    path.write_text(make_ca_pem())
+    return path
+
+
+@pytest.fixture(scope="session")
+def variant_app(stub_bundle: Path, hospital_ca: Path, tmp_path_factory: pytest.TempPathFactory) -> BuiltApp:
+    from infra.stack import create_app  # noqa: PLC0415 - see pytest_configure
+
+    outdir = tmp_path_factory.mktemp("cdk.out-variant")
+    context = app_context(stub_bundle, **VARIANT_CONTEXT, ca_bundle_file=str(hospital_ca))
+    app, stack = create_app(context, outdir=str(outdir))
+    return BuiltApp(app=app, stack=stack, outdir=outdir)
+
+
+@pytest.fixture(scope="session")
+def variant(variant_app: BuiltApp) -> Synthesized:
+    return synthesize(variant_app)

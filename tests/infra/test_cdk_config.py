@@ -11,6 +11,7 @@ import pytest
 
 from infra.config import InfraConfig, InfraConfigError
 from infra.stack import create_app
+from tests.infra.support import EXISTING_VPC, make_ca_pem
 
 
 def test_defaults_need_no_context() -> None:
@@ -71,6 +72,18 @@ def test_json_list_from_cdk_json_or_command_line() -> None:
         ("job_subnets", "isolated"),
         ("outbound_trusted_networks", "10.0.0.0/8, 10.1.2.3/16"),  # host bits set
         ("techcyte_credentials_secret_arn", "arn:aws:s3:::bucket"),
+        ("on_demand_max_vcpus", 2),  # neither 0 (no fallback) nor room for one job
+        ("vpc_id", "my-vpc"),
+        ("vpc_subnet_ids", "subnet-0aaaaaaaaaaaaaaa1"),  # without vpc_id
+        ("nat_gateways", 3),  # more than max_azs=2
+        ("waf_allowed_cidrs", "203.0.113.7/24"),  # host bits set
+        ("waf_rate_limit", 10),
+        ("webhook_body_limit_kb", "100"),  # WAF cannot inspect that much
+        ("public_url", "http://slides.example.org"),
+        ("sectra_context", "[1, 2]"),
+        ("sectra_context", "{autoRun: true}"),
+        ("ca_bundle_file", "no/such/ca.pem"),
+        ("queue_age_alarm_minutes", 1),
     ],
 )
 def test_bad_value_names_the_key(key: str, value: Any) -> None:
@@ -94,3 +107,59 @@ def test_cdk_json_context_is_valid() -> None:
     cdk_json = json.loads((Path(__file__).resolve().parents[2] / "cdk.json").read_text())
     config = InfraConfig.from_mapping(cdk_json["context"])
     assert config.stage == "prod"
+
+
+@pytest.mark.parametrize(
+    ("context", "key"),
+    [
+        ({"vpc_id": "vpc-0a1b2c3d4e5f60718"}, "vpc_subnet_ids"),
+        ({**EXISTING_VPC, "vpc_availability_zones": "eu-west-1a"}, "vpc_availability_zones"),
+        ({**EXISTING_VPC, "vpc_route_table_ids": "rtb-0ccccccccccccccc1"}, "vpc_route_table_ids"),
+        # Gateway endpoints need the route tables, unless the VPC has its endpoints already.
+        ({**EXISTING_VPC, "vpc_route_table_ids": ""}, "vpc_route_table_ids"),
+        ({**EXISTING_VPC, "job_subnets": "public"}, "job_subnets"),
+        ({**EXISTING_VPC, "vpc_subnet_ids": "subnet-0aaaaaaaaaaaaaaa1,sn-2"}, "vpc_subnet_ids"),
+    ],
+)
+def test_existing_vpc_settings_must_fit_together(context: dict[str, Any], key: str) -> None:
+    with pytest.raises(InfraConfigError, match=f"CDK context key '{key}'"):
+        InfraConfig.from_mapping(context)
+
+
+def test_existing_vpc_without_endpoints_needs_no_route_tables() -> None:
+    config = InfraConfig.from_mapping({**EXISTING_VPC, "vpc_route_table_ids": "", "vpc_endpoints": "false"})
+    assert config.vpc_subnet_ids == ("subnet-0aaaaaaaaaaaaaaa1", "subnet-0bbbbbbbbbbbbbbb2")
+    assert config.vpc_endpoints is False
+
+
+def test_sectra_context_from_cdk_json_object_or_command_line_text() -> None:
+    assert InfraConfig.from_mapping({"sectra_context": {"autoRun": True}}).sectra_context == '{"autoRun":true}'
+    assert InfraConfig.from_mapping({"sectra_context": '{"output": "patches"}'}).sectra_context == (
+        '{"output":"patches"}'
+    )
+    assert InfraConfig.from_mapping({"sectra_context": ""}).sectra_context is None
+
+
+def test_network_defaults_are_private_with_endpoints() -> None:
+    config = InfraConfig.from_mapping({})
+    assert config.vpc_id is None
+    assert config.job_subnets == "private"
+    assert config.vpc_endpoints is True
+    assert config.on_demand_max_vcpus == 16
+    assert config.waf_allowed_cidrs == ""
+
+
+def test_ca_bundle_must_hold_certificates_only(tmp_path: Path) -> None:
+    good = tmp_path / "ca.pem"
+    good.write_text(make_ca_pem())
+    assert InfraConfig.from_mapping({"ca_bundle_file": str(good)}).ca_bundle_pem == good.read_text()
+
+    with_key = tmp_path / "with-key.pem"
+    with_key.write_text(good.read_text() + "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    too_big = tmp_path / "big.pem"
+    too_big.write_text(good.read_text() * 40)
+    for path, reason in ((with_key, "private key"), (garbage, "not a readable PEM"), (too_big, "user data")):
+        with pytest.raises(InfraConfigError, match=f"CDK context key 'ca_bundle_file': .*{reason}"):
+            InfraConfig.from_mapping({"ca_bundle_file": str(path)})

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from conftest import Synthesized
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_alarms_cover_function_errors_api_5xx_and_failed_jobs(synth: Synthesized) -> None:
@@ -45,3 +50,89 @@ def test_alarm_topic_is_encrypted_and_mails_the_configured_address(synth: Synthe
 def test_dashboard_exists(synth: Synthesized) -> None:
     _, dashboard = synth.one("AWS::CloudWatch::Dashboard")
     assert dashboard["Properties"]["DashboardName"] == "slidebridge-test"
+
+
+def _alarm(synth: Synthesized, name: str) -> dict[str, Any]:
+    alarm = synth.stack.monitoring.alarms[name]
+    props: dict[str, Any] = synth.resources[synth.logical_id(alarm)]["Properties"]
+    return props
+
+
+def test_oldest_queued_job_alarm(synth: Synthesized) -> None:
+    props = _alarm(synth, "OldestQueuedJob")
+    (query,) = props["Metrics"]
+    stat = query["MetricStat"]
+    assert stat["Metric"]["Namespace"] == "Slidebridge"
+    assert stat["Metric"]["MetricName"] == "OldestQueuedJobAgeSeconds"
+    assert stat["Metric"]["Dimensions"] == [{"Name": "service", "Value": "slidebridge-test"}]
+    assert stat["Stat"] == "Maximum"
+    assert props["Threshold"] == 60 * 60  # queue_age_alarm_minutes, default 60
+    assert props["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert props["AlarmActions"] == [{"Ref": synth.logical_id(synth.stack.monitoring.topic)}]
+
+
+def test_job_metrics_function_reads_the_job_log_and_the_queue(synth: Synthesized) -> None:
+    monitoring, jobs = synth.stack.monitoring, synth.stack.jobs
+    function_id = synth.logical_id(monitoring.job_metrics_function)
+    props = synth.resources[function_id]["Properties"]
+    assert props["Handler"] == "lambdas.job_metrics.handler.handler"
+    assert props["Environment"]["Variables"]["SLIDEBRIDGE_JOB_QUEUE"] == {
+        "Fn::GetAtt": [synth.logical_id(jobs.job_queue), "JobQueueArn"]
+    }
+    # It needs no network access beyond AWS APIs.
+    assert "VpcConfig" not in props
+
+    _, subscription = synth.one("AWS::Logs::SubscriptionFilter")
+    sub = subscription["Properties"]
+    assert sub["LogGroupName"] == {"Ref": synth.logical_id(jobs.job_log_group)}
+    assert sub["DestinationArn"] == {"Fn::GetAtt": [function_id, "Arn"]}
+    assert sub["FilterPattern"] == '?"item metrics" ?"item failed" ?"transient failure"'
+
+    schedule = synth.resources[synth.logical_id(monitoring.backlog_schedule)]["Properties"]
+    assert schedule["ScheduleExpression"] == "rate(5 minutes)"
+    assert [target["Arn"] for target in schedule["Targets"]] == [{"Fn::GetAtt": [function_id, "Arn"]}]
+
+    role = monitoring.job_metrics_function.role
+    assert role is not None
+    policy = synth.resources[synth.logical_id(role.node.find_child("DefaultPolicy"))]["Properties"]
+    actions = {a for s in policy["PolicyDocument"]["Statement"] for a in s["Action"]}
+    assert actions == {"batch:ListJobs", "xray:PutTelemetryRecords", "xray:PutTraceSegments"}
+
+
+def test_subscription_terms_match_what_the_function_parses() -> None:
+    from infra.monitoring import JOB_LOG_TERMS  # noqa: PLC0415
+    from lambdas.job_metrics.handler import SUBSCRIPTION_TERMS  # noqa: PLC0415
+
+    assert JOB_LOG_TERMS == SUBSCRIPTION_TERMS
+
+
+def test_metrics_namespace_is_the_one_the_lambdas_write_to() -> None:
+    from infra.functions import METRICS_NAMESPACE as INFRA  # noqa: PLC0415
+    from lambdas.observability import METRICS_NAMESPACE as LAMBDAS  # noqa: PLC0415
+
+    assert INFRA == LAMBDAS
+
+
+def test_dashboard_shows_job_metrics_and_queue_backlog(synth: Synthesized) -> None:
+    _, dashboard = synth.one("AWS::CloudWatch::Dashboard")
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    for metric in (
+        "SlidesProcessed",
+        "TilesPerSecond",
+        "DownloadSeconds",
+        "AnalyseSeconds",
+        "DeliverySeconds",
+        "QueuedJobs",
+        "OldestQueuedJobAgeSeconds",
+        "ServerErrors",
+    ):
+        assert metric in body, metric
+    assert "SEARCH(" in body and "ItemErrors" in body and "slidebridge-test" in body
+
+
+def test_job_stages_are_the_ones_the_pipeline_times() -> None:
+    from infra.monitoring import JOB_STAGES  # noqa: PLC0415
+
+    source = (REPO_ROOT / "batch_job" / "pipeline.py").read_text()
+    timed = re.findall(r'timer\.start\("([a-z_]+)"\)', source)
+    assert set(JOB_STAGES) == set(timed)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from aws_cdk.assertions import Match
 
+from slidebridge.store import TABLE_DEFINITION, TTL_ATTRIBUTE
+
 if TYPE_CHECKING:
     from conftest import Synthesized
 
@@ -142,3 +144,54 @@ def test_secrets_are_encrypted_with_the_stack_key(synth: Synthesized) -> None:
     secrets = synth.of_type("AWS::SecretsManager::Secret")
     assert len(secrets) == 4  # webhook keys, its two seeds, Techcyte credentials
     assert all(secret["Properties"]["KmsKeyId"] == key_arn for secret in secrets.values())
+
+
+def test_every_log_group_is_encrypted_with_the_stack_key(synth: Synthesized) -> None:
+    key_arn = {"Fn::GetAtt": [synth.logical_id(synth.stack.storage.key), "Arn"]}
+    log_groups = synth.of_type("AWS::Logs::LogGroup")
+    # api, job_events, job_metrics, scheduler functions; API access logs; job logs; VPC flow logs
+    assert len(log_groups) == 7
+    assert {name: group["Properties"].get("KmsKeyId") for name, group in log_groups.items()} == {
+        name: key_arn for name in log_groups
+    }
+
+
+def test_key_lets_cloudwatch_logs_use_it_for_this_accounts_log_groups_only(synth: Synthesized) -> None:
+    key = synth.resources[synth.logical_id(synth.stack.storage.key)]["Properties"]
+    (statement,) = [
+        s
+        for s in key["KeyPolicy"]["Statement"]
+        if "Service" in s.get("Principal", {}) and "logs." in json.dumps(s["Principal"]["Service"])
+    ]
+    assert "kms:GenerateDataKey*" in statement["Action"]
+    condition = statement["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
+    assert condition == {
+        "Fn::Join": [
+            "",
+            [
+                "arn:",
+                {"Ref": "AWS::Partition"},
+                ":logs:",
+                {"Ref": "AWS::Region"},
+                ":",
+                {"Ref": "AWS::AccountId"},
+                ":log-group:*",
+            ],
+        ]
+    }
+
+
+def test_table_is_the_one_the_run_store_expects(synth: Synthesized) -> None:
+    _, table = synth.one("AWS::DynamoDB::Table")
+    props = table["Properties"]
+    assert props["KeySchema"] == TABLE_DEFINITION["KeySchema"]
+    assert sorted(props["AttributeDefinitions"], key=str) == sorted(TABLE_DEFINITION["AttributeDefinitions"], key=str)
+    (gsi,) = props["GlobalSecondaryIndexes"]
+    (expected,) = TABLE_DEFINITION["GlobalSecondaryIndexes"]
+    assert (gsi["IndexName"], gsi["KeySchema"], gsi["Projection"]) == (
+        expected["IndexName"],
+        expected["KeySchema"],
+        expected["Projection"],
+    )
+    # Stored vendor credentials expire through this attribute (RunStore.expire_credentials).
+    assert props["TimeToLiveSpecification"] == {"AttributeName": TTL_ATTRIBUTE, "Enabled": True}

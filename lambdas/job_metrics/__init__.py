@@ -1,0 +1,1 @@
+"""The job telemetry Lambda: job log lines and queue backlog as CloudWatch metrics."""

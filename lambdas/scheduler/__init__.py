@@ -1,0 +1,1 @@
+"""The ``scheduler`` Lambda: cancels runs whose deadline has passed (EventBridge schedule)."""
