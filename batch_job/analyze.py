@@ -7,10 +7,12 @@ mm². The *grid* frame indexes tiles by (row, col); tile (row, col) covers level
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +24,7 @@ from skimage.measure import approximate_polygon, find_contours, label, points_in
 
 from batch_job.classifiers import Classifier
 from batch_job.slide import TileSpec, TissueMask, detect_tissue, open_slide, slide_mpp, tile_geometry, tile_grid
-from batch_job.tiles import read_tiles
+from batch_job.tiles import Batch, read_tiles
 from slidebridge.analysis import AnalysisSummary, ClassRegion, RegionPolygon, SlideAnalysis, TileResult
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,50 @@ _REFINE = 4
 
 Polygon = list[tuple[float, float]]  # level-0 px (x, y)
 Ring = list[tuple[float, float]]  # a closed polygon ring in level-0 px (x, y)
+
+
+@dataclass
+class ClassifyStats:
+    """Where the time of the tiles + classify stage went, seen from the classifier's side.
+
+    ``waited_s`` is the time the classifier stood idle for its next batch: reading and decoding that
+    the worker processes did not hide behind the previous batch's classification. With reading and
+    classifying overlapped it is near zero; read in process (``tile_workers=0``) it is all the reading.
+    """
+
+    tiles: int = 0
+    batches: int = 0
+    waited_s: float = 0.0  # waiting for the next batch of tiles
+    computed_s: float = 0.0  # in ``classifier.predict``
+    reported_s: float = 0.0  # in the progress callback (a vendor progress update may be a network call)
+    total_s: float = 0.0  # the whole stage: the above plus starting and stopping the tile reader
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of the stage the classifier waited for tiles (0 for a stage that took no time)."""
+        return self.waited_s / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class AnalysisTimings:
+    """Seconds of the sub-stages of ``analyze_slide``; together they make up its whole time."""
+
+    tissue_s: float = 0.0  # open the slide, detect tissue, lay the tile grid (and apply the regions)
+    regions_s: float = 0.0  # per-tile results, class polygons and the summary
+    classify: ClassifyStats = field(default_factory=ClassifyStats)  # tiles + classify
+
+    def seconds(self) -> dict[str, float]:
+        """The sub-stages in the order they run, as the ``item metrics`` line reports them."""
+        return {
+            "tissue": round(self.tissue_s, 3),
+            "tiles_classify": round(self.classify.total_s, 3),
+            "regions": round(self.regions_s, 3),
+        }
+
+
+class TimedAnalysis(NamedTuple):
+    analysis: SlideAnalysis
+    timings: AnalysisTimings
 
 
 def analyze_slide(
@@ -55,6 +101,31 @@ def analyze_slide(
     with tile counts before the first batch and after each. ``tile_workers`` worker processes read
     tiles (0: in this process).
     """
+    return analyze_slide_timed(
+        slide_path,
+        classifier,
+        tile_workers=tile_workers,
+        batch_size=batch_size,
+        progress=progress,
+        regions=regions,
+        min_tissue_fraction=min_tissue_fraction,
+    ).analysis
+
+
+def analyze_slide_timed(
+    slide_path: Path,
+    classifier: Classifier,
+    *,
+    tile_workers: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    regions: list[Polygon] | None = None,
+    min_tissue_fraction: float = MIN_TISSUE_FRACTION,
+) -> TimedAnalysis:
+    """``analyze_slide``, with the seconds of its sub-stages (tissue, tiles + classify, regions) and
+    how long the classifier waited for tiles."""
+    timings = AnalysisTimings()
+    started = time.perf_counter()
     with open_slide(slide_path) as slide:
         mpp_x, mpp_y = slide_mpp(slide)
         width, height = slide.dimensions
@@ -71,10 +142,16 @@ def analyze_slide(
         specs = _inside_regions(specs, regions)
         logger.info("%d tiles inside the %d requested region(s)", len(specs), len(regions))
 
-    probabilities = _classify(
-        slide_path, specs, classifier, tile_workers=tile_workers, batch_size=batch_size, progress=progress
+    timings.tissue_s = time.perf_counter() - started
+
+    probabilities, timings.classify = classify_batches(
+        read_tiles(slide_path, specs, tile_px=classifier.tile_px, batch_size=batch_size, workers=tile_workers),
+        classifier,
+        total=len(specs),
+        progress=progress,
     )
 
+    started = time.perf_counter()
     class_names = list(classifier.class_names)
     labels = probabilities.argmax(axis=1)
     tiles = [
@@ -108,7 +185,7 @@ def analyze_slide(
         tissue_area_mm2=float((mask.mask & analysed).sum()) * mask.pixel_mm2,
         analysed_area_mm2=width * height * mm2_per_px if regions is None else float(analysed.sum()) * mask.pixel_mm2,
     )
-    return SlideAnalysis(
+    analysis = SlideAnalysis(
         application_id=classifier.application_id,
         application_version=classifier.version,
         slide_width=width,
@@ -129,35 +206,67 @@ def analyze_slide(
         regions=class_regions,
         summary=summary,
     )
+    timings.regions_s = time.perf_counter() - started
+    return TimedAnalysis(analysis, timings)
 
 
-def _classify(
-    slide_path: Path,
-    specs: list[TileSpec],
+def classify_batches(
+    batches: Iterable[Batch],
     classifier: Classifier,
     *,
-    tile_workers: int,
-    batch_size: int,
-    progress: Callable[[int, int], None] | None,
-) -> NDArray[np.float32]:
-    total = len(specs)
+    total: int,
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[NDArray[np.float32], ClassifyStats]:
+    """Class probabilities of every tile of ``batches`` (``total`` tiles, in order), and where the
+    time went: waiting for the next batch, classifying, reporting progress.
+
+    The wait is what the batch iterator takes to hand over its next batch; the time it takes to
+    start (first batch) counts as waiting, the time it takes to stop after the last one only in
+    ``total_s``. ``clock`` is injectable so the accounting can be tested without sleeping.
+    """
+    stats = ClassifyStats()
     probabilities = np.zeros((total, len(classifier.class_names)), dtype=np.float32)
+    started = clock()
     if progress is not None:
         progress(0, total)
-    started = last_log = time.monotonic()
-    done = 0
-    for batch, pixels in read_tiles(
-        slide_path, specs, tile_px=classifier.tile_px, batch_size=batch_size, workers=tile_workers
-    ):
-        probabilities[done : done + len(batch)] = classifier.predict(pixels)
-        done += len(batch)
-        if progress is not None:
-            progress(done, total)
-        now = time.monotonic()
-        if now - last_log >= _LOG_EVERY_S or done == total:
-            last_log = now
-            logger.info("classified %d/%d tiles (%.1f tiles/s)", done, total, done / max(now - started, 1e-6))
-    return probabilities
+    stats.reported_s += clock() - started
+    last_log = started
+    iterator = iter(batches)
+    # Closed on any way out, so a failing classifier stops the tile workers at once (not whenever
+    # the traceback that holds the generator is dropped).
+    with contextlib.closing(iterator) if isinstance(iterator, Generator) else contextlib.nullcontext():
+        while True:
+            before = clock()
+            try:
+                batch, pixels = next(iterator)
+            except StopIteration:
+                break
+            handed = clock()
+            stats.waited_s += handed - before
+            probabilities[stats.tiles : stats.tiles + len(batch)] = classifier.predict(pixels)
+            computed = clock()
+            stats.computed_s += computed - handed
+            stats.tiles += len(batch)
+            stats.batches += 1
+            if progress is not None:
+                progress(stats.tiles, total)
+            now = clock()
+            stats.reported_s += now - computed
+            if now - last_log >= _LOG_EVERY_S or stats.tiles == total:
+                last_log = now
+                rate = stats.tiles / max(now - started, 1e-6)
+                logger.info("classified %d/%d tiles (%.1f tiles/s)", stats.tiles, total, rate)
+    stats.total_s = clock() - started
+    if stats.batches:
+        logger.info(
+            "classifier waited %.1f %% of the tiles + classify stage (%.2f s of %.2f s; classifying %.2f s)",
+            100.0 * stats.wait_fraction,
+            stats.waited_s,
+            stats.total_s,
+            stats.computed_s,
+        )
+    return probabilities, stats
 
 
 def _inside_regions(specs: list[TileSpec], regions: Sequence[Polygon]) -> list[TileSpec]:

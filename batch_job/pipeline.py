@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch_job.analyze import analyze_slide
+from batch_job.analyze import analyze_slide_timed
 from batch_job.classifiers import get_classifier
 from batch_job.destinations import Destination, destination_for
 from batch_job.render import write_artifacts
@@ -231,7 +231,7 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path, destination: 
     slide_path = prepare_slide(paths, workdir / "slide")
     classifier = get_classifier(run.application_id, run.version_number)
     timer.start("analyse")
-    analysis = analyze_slide(
+    analysis, timings = analyze_slide_timed(
         slide_path,
         classifier,
         tile_workers=auto_workers(settings.tile_workers),
@@ -263,6 +263,12 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path, destination: 
                 "tiles": len(analysis.tiles),
                 "tiles_per_s": round(tiles_per_s, 1),
                 "seconds": seconds,
+                # "analyse" split into tissue, tiles_classify and regions; the stages above stay the
+                # dashboard's (infra/monitoring.py JOB_STAGES), so this is a separate breakdown.
+                "analyse_seconds": timings.seconds(),
+                # Share of tiles_classify the classifier stood idle waiting for tiles (reading and
+                # classifying overlap when it is near 0).
+                "classifier_wait_fraction": round(timings.classify.wait_fraction, 3),
                 "slide_px": [analysis.slide_width, analysis.slide_height],
             }
         ),

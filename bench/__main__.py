@@ -14,7 +14,7 @@ import sys
 from bench import BenchRow
 
 # Run in this order; a module not (yet) in the tree is skipped.
-COMPARED = ("tiles", "download")
+COMPARED = ("tiles", "download", "webhook")
 
 
 def table(rows: list[BenchRow]) -> str:

@@ -111,8 +111,11 @@ class SlideFile:
         }
 
 
-def cached_synthetic_slide(cache_dir: Path, width: int, height: int, *, seed: int = 0, mpp: float = 0.25) -> SlideFile:
-    """An H&E-like pyramidal TIFF of ``width × height`` level-0 px, generated once per parameter set."""
+def cached_synthetic_slide(
+    cache_dir: Path, width: int, height: int, *, seed: int = 0, mpp: float = 0.25, workers: int = 1
+) -> SlideFile:
+    """An H&E-like pyramidal TIFF of ``width × height`` level-0 px, generated once per parameter set
+    (by ``workers`` processes; the file does not depend on how many)."""
     from local.synthetic import write_synthetic_slide  # noqa: PLC0415 - numpy-heavy, only when needed
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,7 @@ def cached_synthetic_slide(cache_dir: Path, width: int, height: int, *, seed: in
     if not path.exists():
         # Written under a temporary name first: an interrupted run must not leave a truncated "cache".
         partial = path.with_suffix(".partial")
-        write_synthetic_slide(partial, width, height, seed=seed, mpp=mpp)
+        write_synthetic_slide(partial, width, height, seed=seed, mpp=mpp, workers=workers)
         partial.replace(path)
     return SlideFile(path, width, height, mpp, crc32c_b64_of_file(path))
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from slidebridge.errors import IllegalTransitionError, RetryableError
-from slidebridge.launcher import JobLauncher
+from slidebridge.launcher import CANCEL_REASON_PREFIX, JobLauncher
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import Item, Run, RunSource, RunState, RunTerminationReason
 from slidebridge.settings import Settings
@@ -23,9 +24,18 @@ def close_failed_job(
     its scan, or whose post kept failing). A transient failure to post is raised (``RetryableError``)
     so that the caller (the ``job_events`` Lambda's async invocation) tries again.
     """
-    ended = store.fail_open_items(
-        run_id, indices=indices, error_code="JOB_FAILED", error_message=f"the processing job failed: {reason}"
-    )
+    if reason.startswith(CANCEL_REASON_PREFIX):
+        # Our own cancel stopped the job: the run ends cancelled (its open items SKIPPED), not failed.
+        # The cancel normally ended it already; this covers a cancel whose own write did not land.
+        ended = []
+        with contextlib.suppress(IllegalTransitionError):
+            store.terminate_run(
+                run_id, RunTerminationReason.CANCELED_BY_USER, error_message=reason.removeprefix(CANCEL_REASON_PREFIX)
+            )
+    else:
+        ended = store.fail_open_items(
+            run_id, indices=indices, error_code="JOB_FAILED", error_message=f"the processing job failed: {reason}"
+        )
     run = store.get_run(run_id)
     if run.source is RunSource.TECHCYTE and run.state is RunState.TERMINATED:
         deliver_techcyte_results(store, settings, run_id)

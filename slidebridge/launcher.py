@@ -36,6 +36,11 @@ class JobLauncher(Protocol):
         ...
 
 
+# Starts the reason of every job slidebridge stops on purpose (Batch reports it as the FAILED event's
+# statusReason), so that a cancelled job's event is not mistaken for a job that died.
+CANCEL_REASON_PREFIX = "slidebridge cancel: "
+
+
 class BatchLauncher:
     """SubmitJob with only the run id; an array job (child i = item i) for runs of several items."""
 
@@ -70,8 +75,9 @@ class BatchLauncher:
         return job_id
 
     def cancel(self, job_id: str, reason: str) -> None:
-        # TerminateJob stops running and queued jobs alike (and every child of an array job).
-        self.client.terminate_job(jobId=job_id, reason=reason[:255])
+        # TerminateJob stops running and queued jobs alike (and every child of an array job). The
+        # marker tells job_events that the FAILED event it will get was our own cancel.
+        self.client.terminate_job(jobId=job_id, reason=(CANCEL_REASON_PREFIX + reason)[:255])
 
 
 class ProcessLauncher:

@@ -25,7 +25,8 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
-from slidebridge.errors import ValidationFailedError
+# Defined with the other errors (the api handler maps it without importing this module).
+from slidebridge.errors import ListQueryError
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -54,40 +55,6 @@ ITEM_SORT_FIELDS = ("item_id", "external_id", "custom_metadata", "terminated_at"
 # pydantic does the integer checks so the 422 messages read exactly like FastAPI's.
 _PAGE = TypeAdapter(Annotated[int, Field(ge=1)])
 _PAGE_SIZE = TypeAdapter(Annotated[int, Field(ge=MIN_PAGE_SIZE, le=MAX_PAGE_SIZE)])
-
-
-class ListQueryError(ValidationFailedError):
-    """A list operation's query parameter is invalid (HTTP 422, FastAPI's ``HTTPValidationError`` shape).
-
-    ``loc`` names the parameter, e.g. ``("query", "page_size")``; ``error_type``, ``input`` and
-    ``ctx`` complete one entry of ``detail``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        loc: tuple[str | int, ...],
-        error_type: str = "value_error",
-        input_value: Any = None,
-        ctx: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message, loc=loc)
-        self.error_type = error_type
-        self.input_value = input_value
-        self.ctx = ctx or {}
-
-    def detail(self) -> dict[str, Any]:
-        """One entry of FastAPI's ``{"detail": [...]}`` list."""
-        entry: dict[str, Any] = {
-            "loc": list(self.loc),
-            "msg": self.message,
-            "type": self.error_type,
-            "input": self.input_value,
-        }
-        if self.ctx:
-            entry["ctx"] = self.ctx
-        return entry
 
 
 # --- parameter access ----------------------------------------------------------------------------

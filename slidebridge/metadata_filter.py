@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from slidebridge.listing import ListQueryError
+from slidebridge.errors import ListQueryError
 
 MAX_FILTER_LENGTH = 1000
 # Bounds the parser's recursion (and so the evaluator's) whatever the input: 1000 characters of

@@ -30,7 +30,9 @@ from slidebridge.applications import (
 from slidebridge.artifacts import ArtifactStore
 from slidebridge.checksums import crc32c_of_bytes
 from slidebridge.errors import (
+    ArtifactGoneError,
     IllegalTransitionError,
+    MetadataSchemaError,
     NotFoundError,
     PreconditionFailedError,
     UrlNotAllowedError,
@@ -799,22 +801,3 @@ class PlatformService:
             return current.model_copy(update={"custom_metadata": request.custom_metadata})
 
         return custom_metadata_checksum(self.store.update_item(run_id, item.index, change).custom_metadata)
-
-
-class ArtifactGoneError(NotFoundError):
-    """The artifact existed but has been deleted (HTTP 410)."""
-
-
-class MetadataSchemaError(ValidationFailedError):
-    """An input artifact's metadata fails its version's ``metadata_schema`` (HTTP 422, FastAPI's shape).
-
-    The message and ``loc`` name the item (index and external_id) and the metadata field.
-    """
-
-    def __init__(self, message: str, *, loc: tuple[str | int, ...], input_value: Any = None) -> None:
-        super().__init__(message, loc=loc)
-        self.input_value = input_value
-
-    def detail(self) -> dict[str, Any]:
-        """One entry of FastAPI's ``{"detail": [...]}`` list."""
-        return {"loc": list(self.loc), "msg": self.message, "type": "metadata_schema", "input": self.input_value}

@@ -2,6 +2,11 @@
 
 Domain errors map to HTTP here and nowhere else. Platform API errors use FastAPI's shapes
 (``{"detail": …}``); Sectra's routes answer ``{"error": …}`` with our X-Sectra-* headers.
+
+Importing this module stays cheap (a Lambda cold start, the local stack, every test process): the
+error classes come from light modules, and the routes load their models, services, boto3 and httpx
+with their first request (``lambdas.api.deps``); outside Lambda the X-Ray SDK is not loaded at all
+(``lambdas.observability``). ``tests/unit/test_api_cold_import.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ from lambdas.api.http import (
 )
 from lambdas.observability import metrics, observe_api_requests, tracer
 from slidebridge.errors import (
+    ArtifactGoneError,
     ConflictError,
     IllegalTransitionError,
+    ListQueryError,
+    MetadataSchemaError,
     NotFoundError,
     PreconditionFailedError,
+    SectraAuthError,
+    SectraError,
+    SectraNotFoundError,
     SlidebridgeError,
     UrlNotAllowedError,
     ValidationFailedError,
 )
-from slidebridge.listing import ListQueryError
-from slidebridge.platform import ArtifactGoneError, MetadataSchemaError
-from slidebridge.vendors.sectra import SectraAuthError, SectraError, SectraNotFoundError
 
 logger = Logger(service="slidebridge")
 app = APIGatewayRestResolver()

@@ -7,22 +7,27 @@ touches nothing.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
-from lambdas.api.deps import sectra_service, webhook_keys
+from lambdas.api.deps import sectra_service, settings, webhook_keys
 from lambdas.api.http import UnknownWebhookKeyError, parse_body
-from slidebridge.settings import get_settings
-from slidebridge.vendors.sectra import IA_API_VERSION, SOFTWARE_VERSION, ImageNotification, Invocation
-from slidebridge.webhook_keys import Vendor
+
+if TYPE_CHECKING:
+    from slidebridge.webhook_keys import Vendor
+
+# The Sectra models and client (slidebridge.vendors.sectra) load with the first Sectra request, not
+# with the handler: the other front doors never need them.
 
 router = Router()
 
 
 def sectra_headers() -> dict[str, str]:
+    from slidebridge.vendors.sectra import IA_API_VERSION, SOFTWARE_VERSION  # noqa: PLC0415
+
     return {"X-Sectra-ApiVersion": IA_API_VERSION, "X-Sectra-SoftwareVersion": SOFTWARE_VERSION}
 
 
@@ -40,8 +45,7 @@ def require_key(vendor: Vendor, key: str) -> None:
 
 def webhook_url(key: str) -> str:
     """The registered URL, from configuration; else from the request (local stack, first set-up)."""
-    settings = get_settings()
-    base = settings.public_url
+    base = settings().public_url
     if base is None:
         event = router.current_event
         host = event.headers.get("Host") or event.headers.get("host") or "localhost"
@@ -59,12 +63,16 @@ def get_registration(key: str) -> Response[str]:
 
 @router.get("/hooks/sectra/<key>/info")
 def get_info(key: str) -> Response[str]:
+    from slidebridge.vendors.sectra import IA_API_VERSION, SOFTWARE_VERSION  # noqa: PLC0415
+
     require_key("sectra", key)
     return _json({"apiVersion": IA_API_VERSION, "softwareVersion": SOFTWARE_VERSION})
 
 
 @router.post("/hooks/sectra/<key>")
 def post_invocation(key: str) -> Response[str]:
+    from slidebridge.vendors.sectra import Invocation  # noqa: PLC0415
+
     require_key("sectra", key)
     invocation = parse_body(router.current_event, Invocation)
     service = sectra_service()
@@ -81,6 +89,8 @@ def post_invocation(key: str) -> Response[str]:
 
 @router.post("/hooks/sectra/<key>/imagenotification")
 def post_image_notification(key: str) -> Response[str]:
+    from slidebridge.vendors.sectra import ImageNotification  # noqa: PLC0415
+
     require_key("sectra", key)
     notification = parse_body(router.current_event, ImageNotification)
     return _json(sectra_service().image_notification(notification))

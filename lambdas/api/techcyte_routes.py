@@ -13,13 +13,15 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from lambdas.api.deps import techcyte_service, webhook_keys
 from lambdas.api.http import UnknownWebhookKeyError, json_response, parse_body
-from slidebridge.vendors.techcyte import WebhookPayload
 
 router = Router()
 
 
 @router.post("/hooks/techcyte/<key>")
 def post_webhook(key: str) -> Response[str]:
+    # Loaded with the first Techcyte request, not with the handler (the other front doors never need it).
+    from slidebridge.vendors.techcyte import WebhookPayload  # noqa: PLC0415
+
     if not webhook_keys().matches("techcyte", key):
         raise UnknownWebhookKeyError("not found")
     payload = parse_body(router.current_event, WebhookPayload)

@@ -55,7 +55,18 @@ from pydantic import (
 )
 
 import slidebridge
-from slidebridge.errors import RetryableError, SlidebridgeError, UrlNotAllowedError
+
+# The errors live in the light slidebridge.errors (the api handler maps them without importing this
+# module); they stay part of this module's interface through __all__.
+from slidebridge.errors import (
+    SectraAuthError,
+    SectraConflictError,
+    SectraError,
+    SectraNotFoundError,
+    SectraRedirectError,
+    SectraUnavailableError,
+    UrlNotAllowedError,
+)
 from slidebridge.outbound import OutboundPolicy, Purpose
 from slidebridge.vendors.common import (
     backoff_sleep,
@@ -142,45 +153,6 @@ _DECIMALS = 6
 _MAX_TEXT = 200
 
 _HEX_COLOR = r"^#[0-9A-Fa-f]{6}([0-9A-Fa-f]{2})?$"
-
-
-# =================================================================================================
-# Errors
-# =================================================================================================
-
-
-class SectraError(SlidebridgeError):
-    """A call to Sectra failed. The message names the method, path and status only.
-
-    Never the token, never a response body (Sectra error texts may carry PHI, §13), never the host
-    (it is in the run's context already).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, path: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.path = path
-
-
-class SectraAuthError(SectraError):
-    """401/403: the callback token was refused (expired? §13: its lifetime is undocumented)."""
-
-
-class SectraNotFoundError(SectraError):
-    """404: the slide or result does not exist (e.g. the user deleted our result)."""
-
-
-class SectraConflictError(SectraError):
-    """409/412 on PUT: our ``versionId`` is stale (someone else updated the result)."""
-
-
-class SectraRedirectError(SectraError, UrlNotAllowedError):
-    """Sectra answered a redirect: refused for callbacks, which carry a bearer token (§13)."""
-
-
-class SectraUnavailableError(SectraError, RetryableError):
-    """Connection errors, timeouts, 5xx or 429 persisted through every retry."""
 
 
 # =================================================================================================

@@ -9,7 +9,8 @@ from typing import Any
 
 from lambdas.api import deps
 from lambdas.job_events.handler import handler
-from slidebridge.runs import Item, ItemState, ItemTerminationReason, Run, RunState
+from slidebridge.launcher import CANCEL_REASON_PREFIX
+from slidebridge.runs import Item, ItemState, ItemTerminationReason, Run, RunState, RunTerminationReason
 from slidebridge.store import RunStore
 from tests.apigw import LambdaContext
 
@@ -65,3 +66,25 @@ def test_other_states_and_unknown_runs_change_nothing(store: RunStore) -> None:
     assert store.get_item(run.run_id, 0).state is ItemState.PENDING
     unknown = "00000000-0000-4000-8000-000000000000"
     assert handler(_event(unknown), LambdaContext()) == {"ended_items": 0}  # type: ignore[arg-type]
+
+
+def test_job_we_cancelled_ends_its_items_skipped_not_failed(store: RunStore) -> None:
+    # Given a cancel whose TerminateJob went out but whose own write of the run did not land
+    deps.reset()
+    run = _run(store, 2)
+    store.transition_item(run.run_id, 0, ItemState.PROCESSING)
+    event = _event(run.run_id)
+    event["detail"]["statusReason"] = CANCEL_REASON_PREFIX + "cancelled through the Platform API"
+
+    # When Batch reports the stopped job as FAILED
+    handler(event, LambdaContext())  # type: ignore[arg-type]
+
+    # Then the run ends cancelled and no item reads as a system error
+    final = store.get_run(run.run_id)
+    assert final.termination_reason is RunTerminationReason.CANCELED_BY_USER
+    assert final.error_message == "cancelled through the Platform API"
+    assert final.statistics.item_system_error_count == 0
+    assert [i.termination_reason for i in store.list_items(run.run_id)] == [ItemTerminationReason.SKIPPED] * 2
+    # A second report of the same job changes nothing.
+    handler(event, LambdaContext())  # type: ignore[arg-type]
+    assert store.get_run(run.run_id).version == final.version
