@@ -168,30 +168,18 @@ class SectraDestination:
             logger.warning("could not tell Sectra that the analysis failed", exc_info=True)
 
 
-class TechcyteDestination:
+class TechcyteDestination(PlatformDestination):
+    """Inputs like the Platform's (every URL of a scan into one folder: ``prepare_slide`` opens a DICOM
+    series as one slide); no progress endpoint exists (TECHCYTE.md §11), and a scan's failure is posted
+    with the task's results, from the item's error. The analysed scan's result is kept for that post."""
+
     def __init__(self, run: Run, delivery: TechcyteDelivery, settings: Settings, policy: OutboundPolicy) -> None:
+        super().__init__(settings, policy)
         self.run = run
         self.delivery = delivery
-        self.settings = settings
-        self.policy = policy
-
-    def fetch_inputs(self, item: Item, inputs_dir: Path) -> list[Path]:
-        # Every URL of the scan into one folder: prepare_slide opens a DICOM series as one slide.
-        return download_input_artifacts(item, inputs_dir, self.settings, self.policy)
-
-    def regions(self) -> list[Polygon] | None:
-        return None
-
-    def on_progress(self, done: int, total: int) -> None:
-        # No progress endpoint exists (TECHCYTE.md §11); the job's log carries the counts.
-        pass
 
     def deliver(self, item: Item, analysis: SlideAnalysis) -> None:
         self.delivery.save_scan_result(self.run, item, analysis)
-
-    def on_failure(self, message: str) -> None:
-        # The scan's failure is posted with the task's results, from the item's error.
-        pass
 
 
 def destination_for(

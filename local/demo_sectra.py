@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw
 from sectra_client.mock_server import MockSectraServer
 from sectra_client.schemas import CallbackInfo, CreateInvocation, Size, WholeSlideInput
 from sectra_client.schemas.common import DisplayedName
 from sectra_client.schemas.image import FocalPlane, ImageMetadata, OpticalPath, SlideFormat, TileFormat
 
 from local.demo import DemoContext, DemoError, FlowResult, SlideFile
+from local.pictures import slide_thumbnail, typeface
 
 __all__ = [
-    "THUMBNAIL_MAX_PX",
     "SectraTimeline",
     "check_result",
     "level0_from_sectra",
@@ -42,8 +42,6 @@ __all__ = [
     "slide_metadata",
 ]
 
-# The thumbnail the result is drawn on: at most this many px on its longer side.
-THUMBNAIL_MAX_PX = 2048
 # Texts of the interim results our job writes (slidebridge.vendors.sectra: placeholder, progress).
 _INTERIM_PREFIXES = ("Analysis queued", "Analysing")
 # Terminal texts that mean the analysis did not produce a result (message_result's callers).
@@ -176,28 +174,6 @@ def check_result(result: dict[str, Any], slide: SlideFile) -> tuple[list[str], i
     return problems, len(polygons)
 
 
-# Pillow's built-in font (Aileron) has no "²" or "µ", which our texts use (mm², µm/px); DejaVu Sans
-# (most Linux systems) has them. Without it the built-in font is used, with these stand-ins.
-_PREFERRED_FONT = "DejaVuSans.ttf"
-_ASCII_STAND_INS = str.maketrans({"²": "2", "µ": "u"})
-
-
-@dataclass(frozen=True)
-class _Typeface:
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
-    complete: bool  # False: the built-in font, which lacks some glyphs
-
-    def fit(self, text: str) -> str:
-        return text if self.complete else text.translate(_ASCII_STAND_INS)
-
-
-def _font(size: int) -> _Typeface:
-    try:
-        return _Typeface(ImageFont.truetype(_PREFERRED_FONT, size), complete=True)
-    except OSError:
-        return _Typeface(ImageFont.load_default(size=size), complete=False)
-
-
 def _color(value: Any, default: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     if not isinstance(value, str) or not value:
         return default
@@ -210,7 +186,7 @@ def _color(value: Any, default: tuple[int, int, int, int]) -> tuple[int, int, in
 
 def _properties_panel(width: int, display_result: str, properties: dict[str, Any], font_px: int) -> Image.Image:
     """The annotation list line and its property popup, as a strip under the slide."""
-    title_font, font = _font(round(font_px * 1.2)), _font(font_px)
+    title_font, font = typeface(round(font_px * 1.2)), typeface(font_px)
     rows = [f"{k}: {v}" for k, v in properties.items()]
     columns = 2
     per_column = (len(rows) + columns - 1) // columns
@@ -252,7 +228,7 @@ def render_result(
     line_draw = ImageDraw.Draw(lines)
     line_px = max(2, round(base.width / 700))
     font_px = max(14, round(base.width / 64))
-    font = _font(font_px)
+    font = typeface(font_px)
     labels: list[tuple[tuple[float, float], str, tuple[int, int, int, int]]] = []
     _, items = _items(result)
     for item in items:
@@ -295,18 +271,6 @@ def render_result(
     out.paste(picture.convert("RGB"), (0, 0))
     out.paste(panel, (0, picture.height))
     return out
-
-
-def _thumbnail(slide: SlideFile) -> Image.Image:
-    import openslide  # noqa: PLC0415 - the native library loads only when a picture is drawn
-
-    try:
-        with openslide.OpenSlide(str(slide.path)) as handle:
-            # OpenSlide reads a pyramid level near this size: the slide is never held whole in memory.
-            thumbnail: Image.Image = handle.get_thumbnail((THUMBNAIL_MAX_PX, THUMBNAIL_MAX_PX))
-    except openslide.OpenSlideError as exc:
-        raise DemoError(f"could not read the thumbnail of {slide.path}: {exc}") from exc
-    return thumbnail.convert("RGB")
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -407,7 +371,7 @@ def run_sectra_flow(ctx: DemoContext, name: str = "sectra") -> FlowResult:
     shape_problems, polygon_count = check_result(final, slide)
     problems += shape_problems
     picture_path = ctx.output_dir / f"{name}-result.png"
-    render_result(final, _thumbnail(slide), slide.width_px, slide.height_px).save(picture_path)
+    render_result(final, slide_thumbnail(slide.path), slide.width_px, slide.height_px).save(picture_path)
     result.images.append(picture_path)
     result.ok = not problems
     result.message = "; ".join(problems) or (

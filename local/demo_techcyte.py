@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw
 
 from local.demo import DemoContext, DemoError, FlowResult, PlatformClient, Progress
 from local.fake_techcyte import FakeTask, FakeTechcyte
+from local.pictures import slide_thumbnail, typeface
 
 __all__ = [
     "DEMO_DICOM",
-    "THUMBNAIL_MAX_PX",
     "DemoScan",
     "cached_dicom_series",
     "check_results",
@@ -44,8 +44,6 @@ __all__ = [
     "techcyte_stack_environment",
 ]
 
-# The thumbnail the result is drawn on: at most this many px on its longer side.
-THUMBNAIL_MAX_PX = 2048
 # The DICOM series' level-0 size, µm/px and seed: 3.1 × 2.3 mm, above the default 1 mm² tissue floor.
 DEMO_DICOM = (6144, 4608, 0.5, 7)
 # Scan ids are numeric strings (TECHCYTE.md §2); these are made up for the demo.
@@ -200,29 +198,6 @@ def lab_view(result: dict[str, Any]) -> list[str]:
     return [f"{where:<9} {text}" for where, text in _lab_rows(result)]
 
 
-# Pillow's built-in font lacks "²" and "µ", which the reports use; DejaVu Sans (most Linux systems) has
-# them. Without it the built-in font is used with these stand-ins. (Same choice as local/demo_sectra.py,
-# which is not imported here: it brings the Sectra mock's FastAPI.)
-_PREFERRED_FONT = "DejaVuSans.ttf"
-_ASCII_STAND_INS = str.maketrans({"²": "2", "µ": "u", "·": "-"})
-
-
-@dataclass(frozen=True)
-class _Typeface:
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
-    complete: bool  # False: the built-in font, which lacks some glyphs
-
-    def fit(self, text: str) -> str:
-        return text if self.complete else text.translate(_ASCII_STAND_INS)
-
-
-def _font(size: int) -> _Typeface:
-    try:
-        return _Typeface(ImageFont.truetype(_PREFERRED_FONT, size), complete=True)
-    except OSError:
-        return _Typeface(ImageFont.load_default(size=size), complete=False)
-
-
 _DEFAULT_COLOR = (255, 255, 0)
 _FILL_ALPHA = 80  # of 255: the tissue stays visible under the fill
 
@@ -240,7 +215,7 @@ def _rgb(value: Any) -> tuple[int, int, int]:
 def _panel(width: int, result: dict[str, Any], legend: dict[str, tuple[tuple[int, int, int], int]]) -> Image.Image:
     """The AI results panel as a strip under the slide: summary, headline pair, report, QC, legend."""
     font_px = max(12, round(width / 80))
-    title, font = _font(round(font_px * 1.2)), _font(font_px)
+    title, font = typeface(round(font_px * 1.2)), typeface(font_px)
     line_px = round(font_px * 1.5)
     margin = font_px
     # The summary is the title and the workflow's key/value pair the headline under it (in black);
@@ -312,18 +287,6 @@ def render_scan_result(
     out.paste(picture.convert("RGB"), (0, 0))
     out.paste(panel, (0, picture.height))
     return out
-
-
-def _thumbnail(path: Path) -> Image.Image:
-    import openslide  # noqa: PLC0415 - the native library loads only when a picture is drawn
-
-    try:
-        with openslide.OpenSlide(str(path)) as handle:
-            # OpenSlide reads a pyramid level near this size: the slide is never held whole in memory.
-            thumbnail: Image.Image = handle.get_thumbnail((THUMBNAIL_MAX_PX, THUMBNAIL_MAX_PX))
-    except openslide.OpenSlideError as exc:
-        raise DemoError(f"could not read the thumbnail of {path}: {exc}") from exc
-    return thumbnail.convert("RGB")
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -452,7 +415,7 @@ def run_techcyte_flow(ctx: DemoContext, fake: FakeTechcyte, name: str = "techcyt
         outcome.display_properties[f"scan {scan.scan_id} outlines"] = f"{len(features)} GeoJSON features"
         suffix = "" if scan.scan_id == _TIFF_SCAN_ID else f"-scan-{scan.scan_id}"
         picture = ctx.output_dir / f"{name}-result{suffix}.png"
-        render_scan_result(scan_result, _thumbnail(scan.slide_path), scan.width_px, scan.height_px).save(picture)
+        render_scan_result(scan_result, slide_thumbnail(scan.slide_path), scan.width_px, scan.height_px).save(picture)
         outcome.images.append(picture)
     outcome.ok = not problems
     outcome.message = "; ".join(problems) or (

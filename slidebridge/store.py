@@ -613,26 +613,6 @@ class RunStore:
             return new_item
         raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
 
-    def set_item_artifacts(self, run_id: str, index: int, artifacts: list[OutputArtifact]) -> Item:
-        """Replace an item's output artifacts (e.g. mark them deleted) without a state change."""
-        for _ in range(_MAX_SETTLE_ATTEMPTS):
-            item = self.get_item(run_id, index)
-            new_item = item.model_copy(update={"output_artifacts": artifacts, "version": item.version + 1})
-            try:
-                self.client.put_item(
-                    TableName=self.table_name,
-                    Item=self._item_record(new_item),
-                    ConditionExpression="#version = :expected",
-                    ExpressionAttributeNames={"#version": "version"},
-                    ExpressionAttributeValues={":expected": {"N": str(item.version)}},
-                )
-            except ClientError as exc:
-                if _is_condition_failure(exc):
-                    continue
-                raise
-            return new_item
-        raise ConflictError(f"item {index} of run {run_id} kept changing; gave up")
-
     def update_vendor_context(self, run_id: str, changes: dict[str, Any]) -> Run:
         """Merge ``changes`` into the run's vendor context (e.g. the Sectra result's new versionId)."""
         return self._update_run(
