@@ -40,6 +40,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 from local.gateway import Gateway, Handler
+from local.moto_atomic import serialize_dynamodb_requests
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,7 @@ class LocalStack:
         # werkzeug (moto's server) logs every AWS call at INFO; the gateway's access log is enough.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         logging.getLogger("botocore").setLevel(logging.WARNING)
+        serialize_dynamodb_requests()
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._aws_port, verbose=False)
         self._moto.start()
         aws_host, aws_port = self._moto.get_host_and_port()

@@ -8,6 +8,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from local.moto_atomic import serialize_dynamodb_requests
 from slidebridge.settings import get_settings
 from slidebridge.store import TABLE_DEFINITION, RunStore
 
@@ -27,6 +28,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("SLIDEBRIDGE_TABLE_NAME", TABLE)
     monkeypatch.setenv("SLIDEBRIDGE_BUCKET_NAME", BUCKET)
     get_settings.cache_clear()
+    serialize_dynamodb_requests()
     with mock_aws(config={"batch": {"use_docker": False}}):
         boto3.client("dynamodb").create_table(TableName=TABLE, **TABLE_DEFINITION)
         boto3.client("s3").create_bucket(

@@ -110,33 +110,44 @@ def test_terminated_run_refuses_another_termination(store: RunStore) -> None:
     _assert_counters_match_items(store, run.run_id)
 
 
-def test_concurrent_writers_lose_no_update(store: RunStore) -> None:
-    """Eight workers close eight items at once; every counter change survives."""
+@pytest.mark.parametrize("round_", range(5))
+def test_concurrent_writers_lose_no_update(store: RunStore, round_: int) -> None:
+    """Sixteen workers race to close eight items, two per item: one wins, the other is refused.
+
+    The refused writer's transaction is cancelled while the others commit; every counter change
+    survives (a retried array child racing the first attempt, or job_events racing the job).
+    Several rounds, because a lost update shows only in some interleavings.
+    """
     n = 8
     run = _new_run(store, n)
     for i in range(n):
         store.transition_item(run.run_id, i, ItemState.PROCESSING)
-    barrier = threading.Barrier(n)
+    barrier = threading.Barrier(2 * n)
+    refused: list[int] = []
     errors: list[BaseException] = []
 
     def close(index: int) -> None:
         barrier.wait()
         try:
             store.transition_item(run.run_id, index, ItemState.TERMINATED, reason=ItemTerminationReason.SUCCEEDED)
+        except IllegalTransitionError:
+            refused.append(index)
         except BaseException as exc:  # collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=close, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=close, args=(i % n,)) for i in range(2 * n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
+    assert sorted(refused) == list(range(n))
     final = store.get_run(run.run_id)
     assert final.statistics.item_succeeded_count == n
     assert final.statistics.open_count == 0
     assert final.state is RunState.TERMINATED
     assert final.output is RunOutput.FULL
+    _assert_counters_match_items(store, run.run_id)
 
 
 def test_two_writers_racing_on_one_item_terminate_it_once(store: RunStore) -> None:
