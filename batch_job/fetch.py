@@ -6,11 +6,11 @@ Built for S3 SigV4 presigned GETs (Techcyte ``scan_urls``, Platform API input ar
   from ``GET Range: bytes=0-0`` (the total in ``Content-Range``). A server that ignores ``Range``
   (200, no ``Content-Range``) gets its body streamed from that very response.
 - Parts of ``part_size`` bytes are fetched by ``concurrency`` threads sharing one httpx client; each
-  writes its part into a preallocated file with ``os.pwrite`` piece by piece as httpcore reads it
-  from the socket (at most 64 KiB, not re-chunked: see :meth:`_Download._write_body`) and hashes
-  every piece as it lands. Part CRCs are joined with :func:`crc32c_combine`, so the file is never
-  re-read and memory stays at a few socket reads per thread. The CPU-heavy steps (socket reads,
-  ``pwrite``, the CRC's C code) release the GIL, so the threads also spread over the cores.
+  writes its part into a preallocated file with ``os.pwrite`` piece by piece as it is read from the
+  socket (at most 256 KiB, ``outbound.READ_SIZE``, not re-chunked: see :meth:`_Download._write_body`)
+  and hashes every piece as it lands. Part CRCs are joined with :func:`crc32c_combine`, so the file
+  is never re-read and memory stays at a few socket reads per thread. The CPU-heavy steps (socket
+  reads, ``pwrite``, the CRC's C code) release the GIL, so the threads also spread over the cores.
 - Every URL, redirects included, goes through :class:`OutboundPolicy` (purpose DOWNLOAD).
 - Messages and logs show URLs as ``scheme://host:port/path``: the query carries the signature.
 """
@@ -338,7 +338,7 @@ class _Download:
     ) -> None:
         """Write the body at ``offset`` of ``fd``, hashing each piece as it lands; progress about every MiB.
 
-        ``iter_raw()`` without a chunk size hands over httpcore's socket reads (at most 64 KiB) as they
+        ``iter_raw()`` without a chunk size hands over the socket reads (at most 256 KiB) as they
         are: re-chunking them into bigger blocks copied every byte once more under the GIL, which
         cost more CPU than the extra ``pwrite`` calls do (``python -m bench.download``). On failure
         the bytes it reported are taken back: they will be fetched again, or not at all.

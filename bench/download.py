@@ -22,7 +22,8 @@ hold it and one download.
 
 On loopback the client's CPU is the limit, not the network: the baseline spends it on one thread
 in httpx's ``iter_bytes(1 MiB)`` re-chunking (each byte copied into a ``BytesIO`` and sliced out
-again) on top of h11's own copies. Ours takes httpcore's socket reads as they come, and its
+again) on top of h11's own copies. Ours reads the socket 256 KiB at a time (httpcore
+asks for 64 KiB; ``slidebridge.outbound.READ_SIZE``), takes the reads as they come, and its
 ``pwrite`` and CRC-32C (C code) run outside the GIL on several threads.
 """
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import httpcore
 import httpx
 import pytest
 
 from slidebridge.errors import RetryableError, UrlNotAllowedError
-from slidebridge.outbound import AllowEntry, OutboundPolicy, Purpose, redact_url
+from slidebridge.outbound import READ_SIZE, AllowEntry, OutboundPolicy, Purpose, _LargeReadStream, redact_url
 from slidebridge.settings import Settings
 
 SIG = "X-Amz-Signature=SECRETSIG0123"
@@ -284,6 +287,10 @@ def test_default_resolver_uses_getaddrinfo(monkeypatch: pytest.MonkeyPatch) -> N
 # --- httpx integration against a loopback server -------------------------------------------------
 
 
+def _big_body(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256) + bytes(size % 256)
+
+
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: EchoServer
@@ -299,6 +306,8 @@ class EchoHandler(BaseHTTPRequestHandler):
             self._send(302, b"", {"Location": parse_qs(parts.query)["to"][0]})
         elif parts.path == "/loop":
             self._send(302, b"", {"Location": "/loop"})
+        elif parts.path == "/big":
+            self._send(200, _big_body(int(parse_qs(parts.query)["bytes"][0])), {})
         else:
             body = json.dumps({"host": self.headers.get("Host"), "auth": self.headers.get("Authorization")})
             self._send(200, body.encode(), {"Content-Type": "application/json"})
@@ -424,3 +433,51 @@ def test_manual_redirects_are_limited(echo: EchoServer) -> None:
         with pytest.raises(UrlNotAllowedError, match="more than 5 redirects"):
             policy.send_following_redirects(client, request, Purpose.SECTRA_CALLBACK, max_hops=5)
     assert len(echo.seen) == 1 + 6
+
+
+class _RecordingStream(httpcore.NetworkStream):
+    """An in-memory network stream that records how many bytes each read asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self.asked.append(max_bytes)
+        return b"x"
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        return self.tls
+
+    @cached_property
+    def tls(self) -> _RecordingStream:
+        return _RecordingStream()
+
+
+def test_guarded_connections_read_the_socket_in_large_pieces() -> None:
+    # httpcore asks for 64 KiB per read; a 2 GB slide would take 32,000 trips through h11, httpx and
+    # the fetcher's pwrite + CRC loop per GB. Reads ask for READ_SIZE, before and after TLS.
+    inner = _RecordingStream()
+    stream = _LargeReadStream(inner)
+    stream.read(64 * 1024)
+    stream.read(4 * READ_SIZE)
+    assert inner.asked == [READ_SIZE, 4 * READ_SIZE]
+    tls = stream.start_tls(ssl.create_default_context(), server_hostname="files.example")
+    tls.read(64 * 1024)
+    assert inner.tls.asked == [READ_SIZE]
+    assert READ_SIZE >= 256 * 1024
+
+
+def test_guarded_client_streams_a_body_larger_than_a_read(echo: EchoServer) -> None:
+    policy = policy_for("127.0.0.1")
+    with policy.client(Purpose.DOWNLOAD) as client:
+        response = client.get(f"http://127.0.0.1:{echo.port}/big", params={"bytes": str(3 * READ_SIZE + 17)})
+    assert response.status_code == 200
+    assert response.content == _big_body(3 * READ_SIZE + 17)
