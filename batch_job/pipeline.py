@@ -264,7 +264,7 @@ def _analyse(ctx: JobContext, run: Run, item: Item, workdir: Path, destination: 
                 "tiles_per_s": round(tiles_per_s, 1),
                 "seconds": seconds,
                 # "analyse" split into tissue, tiles_classify and regions; the stages above stay the
-                # dashboard's (infra/monitoring.py JOB_STAGES), so this is a separate breakdown.
+                # dashboard's (infra/monitoring.py JOB_STAGES, ANALYSE_STAGES), so this is a separate breakdown.
                 "analyse_seconds": timings.seconds(),
                 # Share of tiles_classify the classifier stood idle waiting for tiles (reading and
                 # classifying overlap when it is near 0).

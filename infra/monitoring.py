@@ -35,6 +35,8 @@ JOB_METRICS_HANDLER = "lambdas.job_metrics.handler.handler"
 JOB_LOG_TERMS = ("item metrics", "item failed", "transient failure")
 # The job's processing stages, as batch_job/pipeline.py times them ("<Stage>Seconds" metrics).
 JOB_STAGES = ("download", "open", "analyse", "artifacts", "delivery")
+# "analyse" split further (batch_job/analyze.py AnalysisTimings; "Analyse<Stage>Seconds" metrics).
+ANALYSE_STAGES = ("tissue", "tiles_classify", "regions")
 
 
 class Monitoring(Construct):
@@ -245,7 +247,18 @@ class Monitoring(Construct):
                 title="Seconds per stage (p50 per slide)",
                 left=[custom(f"{stage.title()}Seconds", "p50", stage) for stage in JOB_STAGES],
                 stacked=True,
-                width=12,
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Analysis: sub-stages (p50 s) and classifier idle (%)",
+                left=[
+                    custom("Analyse" + stage.title().replace("_", "") + "Seconds", "p50", stage)
+                    for stage in ANALYSE_STAGES
+                ],
+                # Near 0: tile reading keeps the classifier busy. High: decoding (vCPUs) is the limit.
+                right=[custom("ClassifierWaitPercent", "p50", "classifier waited for tiles (%)")],
+                stacked=True,
+                width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Requests by front door",
@@ -254,6 +267,6 @@ class Monitoring(Construct):
                     custom("ServerErrors", "Sum", f"{door} 5xx", front_door=door)
                     for door in ("sectra", "techcyte", "platform")
                 ],
-                width=12,
+                width=8,
             ),
         )

@@ -67,6 +67,10 @@ class ItemMetrics(BaseModel):
     tiles: int = Field(ge=0)
     tiles_per_s: float = Field(ge=0)
     seconds: dict[str, float] = Field(default_factory=dict)
+    # "analyse" split into its sub-stages (tissue, tiles_classify, regions).
+    analyse_seconds: dict[str, float] = Field(default_factory=dict)
+    # Share of tiles_classify the classifier waited for tiles (0: reading kept up).
+    classifier_wait_fraction: float | None = Field(default=None, ge=0, le=1)
 
 
 class JobLine(BaseModel):
@@ -130,6 +134,14 @@ def record_job_lines(lines: Iterable[str]) -> int:
             metrics.add_metric(name="TilesPerSecond", unit=MetricUnit.CountPerSecond, value=parsed.item.tiles_per_s)
             for stage, seconds in parsed.item.seconds.items():
                 metrics.add_metric(name=stage_metric_name(stage), unit=MetricUnit.Seconds, value=seconds)
+            for stage, seconds in parsed.item.analyse_seconds.items():
+                metrics.add_metric(name=stage_metric_name(f"analyse {stage}"), unit=MetricUnit.Seconds, value=seconds)
+            if parsed.item.classifier_wait_fraction is not None:
+                metrics.add_metric(
+                    name="ClassifierWaitPercent",
+                    unit=MetricUnit.Percent,
+                    value=round(100 * parsed.item.classifier_wait_fraction, 1),
+                )
             logger.info("item metrics", extra={"run_id": parsed.run_id, "item_index": parsed.item.item_index})
         elif parsed.kind == "error" and parsed.error_code is not None:
             count_item_errors(parsed.error_code, 1)

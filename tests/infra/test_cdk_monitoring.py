@@ -122,6 +122,10 @@ def test_dashboard_shows_job_metrics_and_queue_backlog(synth: Synthesized) -> No
         "DownloadSeconds",
         "AnalyseSeconds",
         "DeliverySeconds",
+        "AnalyseTissueSeconds",
+        "AnalyseTilesClassifySeconds",
+        "AnalyseRegionsSeconds",
+        "ClassifierWaitPercent",
         "QueuedJobs",
         "OldestQueuedJobAgeSeconds",
         "ServerErrors",
@@ -136,3 +140,10 @@ def test_job_stages_are_the_ones_the_pipeline_times() -> None:
     source = (REPO_ROOT / "batch_job" / "pipeline.py").read_text()
     timed = re.findall(r'timer\.start\("([a-z_]+)"\)', source)
     assert set(JOB_STAGES) == set(timed)
+
+
+def test_dashboard_analysis_stages_are_the_ones_the_job_reports() -> None:
+    from batch_job.analyze import AnalysisTimings  # noqa: PLC0415
+    from infra.monitoring import ANALYSE_STAGES  # noqa: PLC0415
+
+    assert tuple(AnalysisTimings().seconds()) == ANALYSE_STAGES

@@ -37,6 +37,8 @@ ITEM = {
     "tiles": 1840,
     "tiles_per_s": 212.5,
     "seconds": {"download": 41.2, "open": 1.1, "analyse": 8.66, "artifacts": 3.0, "delivery": 0.4},
+    "analyse_seconds": {"tissue": 1.5, "tiles_classify": 6.9, "regions": 0.26},
+    "classifier_wait_fraction": 0.036,
     "slide_px": [98304, 75264],
 }
 
@@ -135,6 +137,22 @@ def test_log_subscription_becomes_emf_metrics(
     assert main["TilesPerSecond"] == [212.5]
     assert main["DownloadSeconds"] == [41.2]
     assert main["DeliverySeconds"] == [0.4]
+    # Where the analysis went, and whether reading kept the classifier busy.
+    assert main["AnalyseTissueSeconds"] == [1.5]
+    assert main["AnalyseTilesClassifySeconds"] == [6.9]
+    assert main["AnalyseRegionsSeconds"] == [0.26]
+    assert main["ClassifierWaitPercent"] == [3.6]
+    units = {m["Name"]: m["Unit"] for m in main["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    assert units["ClassifierWaitPercent"] == "Percent"
+    assert units["AnalyseTilesClassifySeconds"] == "Seconds"
+
+
+def test_metrics_line_of_an_older_job_without_the_analysis_split_is_still_read() -> None:
+    older = {k: v for k, v in ITEM.items() if k not in ("analyse_seconds", "classifier_wait_fraction")}
+    parsed = parse_job_line(job_line("item metrics %s", json.dumps(older)))
+    assert parsed is not None and parsed.item is not None
+    assert parsed.item.analyse_seconds == {}
+    assert parsed.item.classifier_wait_fraction is None
 
 
 def test_control_message_is_ignored(capsys: pytest.CaptureFixture[str]) -> None:
