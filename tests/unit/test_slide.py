@@ -111,6 +111,28 @@ def test_openslide_reads_the_generated_tiff_as_aperio(small_tiff_slide: Path, sm
     assert brightness[truth].mean() < 215
 
 
+def test_downsampled_read_is_the_same_on_any_number_of_cores(
+    small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strips are read by several threads; the picture (and so the tissue mask) must not depend on how
+    many cores the instance has."""
+    import batch_job.slide as slide_module  # noqa: PLC0415
+
+    monkeypatch.setattr(slide_module, "_STRIP_PIXELS", 40_000)  # many strips of a few rows each
+    pictures = []
+    with open_slide(small_tiff_slide) as slide:
+        for threads in (1, 3, 4):
+            monkeypatch.setattr(slide_module, "_strip_threads", lambda threads=threads: threads)
+            pictures.append(read_downsampled(slide, 6.0))
+        whole = np.asarray(slide.read_region((0, 0), 1, slide.level_dimensions[1]).convert("RGB"))
+    assert pictures[0].shape == (1024, 1366, 3)
+    for picture in pictures[1:]:
+        np.testing.assert_array_equal(picture, pictures[0])
+    # And it is the slide: the level-1 picture shrunk to the same size, give or take resampling.
+    expected = np.asarray(Image.fromarray(whole).resize((1366, 1024), Image.Resampling.BOX))
+    assert np.abs(pictures[0].astype(int) - expected.astype(int)).mean() < 3
+
+
 def test_dicom_files_open_as_one_slide(small_dicom_slide: list[Path], tmp_path: Path):
     path = prepare_slide(small_dicom_slide, tmp_path)
     with open_slide(path) as slide:
