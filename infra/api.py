@@ -60,6 +60,8 @@ class Api(Construct):
             environment={
                 **storage.data_environment(),
                 "SLIDEBRIDGE_FEEDBACK_PREFIX": FEEDBACK_PREFIX,
+                # The bucket's artifact lifecycle, so the Platform API reports expired artifacts as deleted.
+                "SLIDEBRIDGE_ARTIFACTS_RETENTION_DAYS": str(config.artifacts_retention_days),
                 "SLIDEBRIDGE_WEBHOOK_KEYS_SECRET_ARN": storage.webhook_keys_secret.secret_arn,
                 "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
                 "SLIDEBRIDGE_LAUNCHER": "batch",

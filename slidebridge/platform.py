@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import jsonschema
@@ -412,6 +412,26 @@ def run_view(run: Run) -> RunReadResponse:
     )
 
 
+def with_expired_artifacts(item: Item, *, retention: timedelta, now: datetime) -> Item:
+    """``item`` with its AVAILABLE artifacts shown as DELETED_BY_SYSTEM once ``retention`` has passed.
+
+    The reference platform deletes artifacts automatically 30 days after the run ends; here an S3
+    lifecycle rule does, counting from each file's upload, just before the item ended. S3 removes an
+    expired object some hours later (at the next midnight UTC, then asynchronously), so from the
+    item's end + ``retention`` on the file is called gone: a 410 rather than a URL that may 404.
+    Nothing is written: the view changes as time passes, with no sweep to run.
+    """
+    if item.terminated_at is None or now < item.terminated_at + retention:
+        return item
+    if not any(a.output is ArtifactOutput.AVAILABLE for a in item.output_artifacts):
+        return item
+    artifacts = [
+        a.model_copy(update={"output": ArtifactOutput.DELETED_BY_SYSTEM}) if a.output is ArtifactOutput.AVAILABLE else a
+        for a in item.output_artifacts
+    ]
+    return item.model_copy(update={"output_artifacts": artifacts})
+
+
 def item_view(item: Item) -> ItemResultReadResponse:
     return ItemResultReadResponse(
         item_id=item.item_id,
@@ -559,6 +579,7 @@ class PlatformService:
         policy: OutboundPolicy,
         *,
         artifact_url_ttl_s: int,
+        artifacts_retention: timedelta = timedelta(days=30),
         settings: Settings | None = None,
     ) -> None:
         self.store = store
@@ -566,6 +587,9 @@ class PlatformService:
         self.launcher = launcher
         self.policy = policy
         self.artifact_url_ttl_s = artifact_url_ttl_s
+        # The S3 lifecycle removes artifact files this long after they are written (infra's
+        # artifacts_retention_days); past it the API says so instead of handing out dead URLs.
+        self.artifacts_retention = artifacts_retention
         # For cancelling: vendor runs' results (Techcyte) and credential expiry need the settings.
         self.settings = settings
 
@@ -695,20 +719,26 @@ class PlatformService:
         Ties in a ``sort`` fall back to the submission index, which is unique within the run.
         """
         self.get_visible_run(principal, run_id)
-        items = (item for item in self.store.list_items(run_id) if query.matches(item))
+        items = (item for item in self._items(run_id) if query.matches(item))
         return query.listing.apply(items, _field, tiebreak=lambda item: item.index)
 
     def get_item_by_external_id(self, principal: Principal, run_id: str, external_id: str) -> Item:
         self.get_visible_run(principal, run_id)
-        for item in self.store.list_items(run_id):
+        for item in self._items(run_id):
             if item.external_id == external_id:
                 return item
         raise NotFoundError(f"run {run_id} has no item {external_id!r}")
 
+    def _items(self, run_id: str) -> Iterator[Item]:
+        """The run's items as the API shows them: artifacts past retention are DELETED_BY_SYSTEM."""
+        now = utcnow()
+        for item in self.store.list_items(run_id):
+            yield with_expired_artifacts(item, retention=self.artifacts_retention, now=now)
+
     def artifact_url(self, principal: Principal, run_id: str, artifact_id: str) -> str:
         """A short-lived presigned URL for one output artifact of a visible run."""
         self.get_visible_run(principal, run_id)
-        for item in self.store.list_items(run_id):
+        for item in self._items(run_id):
             for artifact in item.output_artifacts:
                 if artifact.output_artifact_id != artifact_id:
                     continue

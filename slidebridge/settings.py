@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     feedback_prefix: str = "feedback/"
     # Lifetime of a presigned artifact URL handed out by GET .../file (seconds).
     artifact_url_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
+    # Days after which the bucket's lifecycle rule removes artifact files (infra artifacts_retention_days);
+    # the Platform API then reports them DELETED_BY_SYSTEM and /file answers 410.
+    artifacts_retention_days: int = Field(default=30, ge=1, le=3650)
 
     # --- jobs --------------------------------------------------------------------------------
     launcher: Literal["batch", "process"] = "batch"

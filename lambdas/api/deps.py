@@ -7,6 +7,7 @@ service, and neither loads boto3 before its first AWS call is near).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ def platform_service() -> PlatformService:
         launcher_from_settings(config),
         OutboundPolicy.from_settings(config),
         artifact_url_ttl_s=config.artifact_url_ttl_s,
+        artifacts_retention=timedelta(days=config.artifacts_retention_days),
         settings=config,
     )
 

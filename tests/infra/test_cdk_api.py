@@ -90,6 +90,8 @@ def test_api_function_environment(synth: Synthesized) -> None:
         "SLIDEBRIDGE_BUCKET_NAME": {"Ref": synth.logical_id(storage.bucket)},
         "SLIDEBRIDGE_ARTIFACTS_PREFIX": "artifacts/",
         "SLIDEBRIDGE_FEEDBACK_PREFIX": "feedback/",
+        # The bucket's artifact lifecycle (expire-artifacts), so expired files read DELETED_BY_SYSTEM.
+        "SLIDEBRIDGE_ARTIFACTS_RETENTION_DAYS": "30",
         "SLIDEBRIDGE_LAUNCHER": "batch",
         "SLIDEBRIDGE_JOB_QUEUE": {"Fn::GetAtt": [synth.logical_id(jobs.job_queue), "JobQueueArn"]},
         "SLIDEBRIDGE_JOB_DEFINITION": {"Ref": synth.logical_id(jobs.job_definition)},

@@ -283,6 +283,37 @@ def test_delete_artifacts_only_once_terminated_then_deleted_by_user_and_410(api:
     assert call("DELETE", f"/api/v1/runs/{run_id}/artifacts")[0] == 200
 
 
+@pytest.mark.parametrize(("days_ago", "expired"), [(29, False), (31, True)])
+def test_artifacts_past_retention_show_deleted_by_system_and_410(
+    api: RunStore, monkeypatch: pytest.MonkeyPatch, days_ago: int, expired: bool
+) -> None:
+    """The bucket's lifecycle removes artifact files after SLIDEBRIDGE_ARTIFACTS_RETENTION_DAYS (30); the
+    API must not keep handing out URLs to files S3 has dropped."""
+    monkeypatch.setenv("SLIDEBRIDGE_ARTIFACTS_RETENTION_DAYS", "30")
+    get_settings.cache_clear()
+    deps.reset()
+    run_id = create_run()
+    artifact = finish_item(api, run_id)
+    ended = datetime.now(UTC) - timedelta(days=days_ago)
+    api.update_item(run_id, 0, lambda item: item.model_copy(update={"terminated_at": ended}))
+
+    _, _, items = call("GET", f"/api/v1/runs/{run_id}/items")
+    [shown] = items[0]["output_artifacts"]
+    status, _, error = call("GET", f"/api/v1/runs/{run_id}/artifacts/{artifact.output_artifact_id}/file")
+    if expired:
+        assert shown["output"] == "DELETED_BY_SYSTEM"
+        assert shown["metadata"] is None
+        assert status == 410
+        assert "DELETED_BY_SYSTEM" in error["detail"]
+    else:
+        assert shown["output"] == "AVAILABLE"
+        assert shown["metadata"]["media_type"] == "application/json"
+        assert status == 307
+    assert client_models.ItemResultReadResponse.from_dict(items[0]) is not None
+    # Only the view changes: the stored record still says what the job wrote.
+    assert api.get_item(run_id, 0).output_artifacts[0].output.value == "AVAILABLE"
+
+
 def test_delete_artifacts_of_another_organisations_run_is_404(api: RunStore) -> None:
     run_id = create_run()
     finish_item(api, run_id)
