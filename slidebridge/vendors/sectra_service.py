@@ -24,11 +24,15 @@ from slidebridge.vendors.sectra import (
     Invocation,
     SectraClient,
     StoredResult,
+    message_result,
     placeholder_result,
 )
 from slidebridge.vendors.sectra_writer import CALLBACK_TOKEN, SectraResultWriter, SectraRunContext
 
 logger = logging.getLogger(__name__)
+
+# Shown in place of the placeholder when the run could not be recorded or its job not submitted.
+NOT_STARTED_TEXT = "Analysis could not be started: run it again"
 
 ClientFactory = Callable[[str, str], SectraClient]
 
@@ -127,7 +131,12 @@ class SectraService:
             result_id=stored.id,
             version_id=stored.versionId,
         )
-        run = self._start_run(context, key, invocation.callbackInfo.token.get_secret_value(), stored)
+        try:
+            run = self._start_run(context, key, invocation.callbackInfo.token.get_secret_value(), stored)
+        except Exception:
+            # The placeholder is in Sectra already: without this it would say "Analysis queued" forever.
+            self._report_not_started(client, context, key, stored, version.version_number)
+            raise
         if run is None:
             return self._stored_result_of(self.store.find_idempotent_run(key) or "")
         return stored.model_dump(mode="json", exclude_none=True)
@@ -146,17 +155,53 @@ class SectraService:
         )
         item = Item(run_id=run.run_id, index=0, external_id=context.slide_id)
         try:
-            run = self.store.create_run(run, [item], idempotency_key=key)
+            # The callback token goes in the same transaction: a run never exists without it.
+            run = self.store.create_run(run, [item], idempotency_key=key, credentials={CALLBACK_TOKEN: token})
         except DuplicateRunError:
             # A concurrent retry of the same create won the race: it owns the job.
             return None
-        self.store.put_credential(run.run_id, CALLBACK_TOKEN, token)
         if stored.id is not None:
             self.store.put_alias(f"sectra-result:{context.application_id}:{stored.id}", run.run_id)
         self.store.put_alias(f"sectra-slide:{context.application_id}:{context.slide_id}", run.run_id)
         job_id = submit_run_job(self.store, self.launcher, run, 1)
         logger.info("sectra create started run %s (job %s)", run.run_id, job_id)
         return run
+
+    def _report_not_started(
+        self, client: SectraClient, context: SectraRunContext, key: str, stored: StoredResult, version: str
+    ) -> None:
+        """Best effort: turn the placeholder into "could not be started" when the run or its job failed.
+
+        A run that was recorded keeps the new result version, so later writes (delete, modify) send
+        the current ``versionId``. Failing here is logged, never raised: the caller re-raises the
+        original error, which is what the operator needs to see.
+        """
+        try:
+            updated = client.upsert_result(
+                context.application_id,
+                context.slide_id,
+                message_result(
+                    context.slide_id,
+                    context.width,
+                    context.height,
+                    application_version=version,
+                    text=NOT_STARTED_TEXT,
+                    context=context.registration_context,
+                ),
+                current=stored,
+            )
+            run_id = self.store.find_idempotent_run(key)
+            if run_id is not None:
+                self.store.update_vendor_context(
+                    run_id,
+                    {
+                        "result_id": updated.id,
+                        "version_id": updated.versionId,
+                        "stored_result": updated.model_dump(mode="json", exclude_none=True),
+                    },
+                )
+        except Exception:
+            logger.exception("could not tell Sectra that the analysis of a slide did not start")
 
     def _stored_result_of(self, run_id: str) -> dict[str, Any]:
         run = self.store.get_run(run_id)

@@ -735,3 +735,80 @@ def test_stale_version_is_reread_and_the_write_succeeds(
     assert stored[0]["displayResult"] == "Analysing… 25 %"
     run: Run = store.get_run(created.run_id)
     assert run.vendor_context["version_id"] == stored[0]["versionId"]
+
+
+# =================================================================================================
+# 8. The run or its job cannot be started
+# =================================================================================================
+
+
+class _RefusingLauncher(RecordingLauncher):
+    """AWS Batch refusing the submission (quota, a deleted job definition)."""
+
+    def submit(self, run_id: str, item_count: int) -> str:
+        self.submitted.append((run_id, item_count))
+        raise RuntimeError("SubmitJob: ClientException")
+
+
+def _invocation(slide_id: str, proxy: SectraProxy, cancellation_token: str) -> Invocation:
+    return Invocation.model_validate(
+        {
+            "action": "create",
+            "applicationId": APP,
+            "slideId": slide_id,
+            "callbackInfo": {"url": proxy.url, "token": TOKEN},
+            "cancellationToken": cancellation_token,
+            "input": {"type": "wholeSlide"},
+        }
+    )
+
+
+def test_job_that_cannot_be_submitted_says_so_in_the_viewer_and_a_retry_starts_nothing(
+    settings: Settings, store: RunStore, proxy: SectraProxy, mock: MockSectraServer
+) -> None:
+    launcher = _RefusingLauncher()
+    service = SectraService(
+        settings, store, launcher, OutboundPolicy.from_settings(settings), feedback_writer=lambda o, n, d: None
+    )
+    slide_id = _add_slide(mock, None)
+    invocation = _invocation(slide_id, proxy, uuid.uuid4().hex)
+
+    with pytest.raises(RuntimeError, match="SubmitJob"):
+        service.create(invocation)
+
+    # The pathologist sees why, in the result that said "Analysis queued", not a second one.
+    [shown] = _stored(mock, slide_id)
+    assert shown["displayResult"] == "Analysis could not be started: run it again"
+    [(run_id, _)] = launcher.submitted
+    run = store.get_run(run_id)
+    assert run.state is RunState.TERMINATED
+    assert run.error_code == "JOB_SUBMISSION_FAILED"
+    assert run.vendor_context["version_id"] == shown["versionId"]
+
+    # Sectra retrying the same invocation gets that result back and starts nothing.
+    assert service.create(invocation)["displayResult"] == "Analysis could not be started: run it again"
+    assert len(launcher.submitted) == 1
+    assert len(_stored(mock, slide_id)) == 1
+
+
+def test_run_that_cannot_be_recorded_leaves_no_queued_placeholder_and_no_job(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    store: RunStore,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def table_unavailable(*args: object, **kwargs: object) -> Run:
+        raise RuntimeError("DynamoDB: ServiceUnavailable")
+
+    monkeypatch.setattr(store, "create_run", table_unavailable)
+    slide_id = _add_slide(mock, None)
+    token = uuid.uuid4().hex
+    with pytest.raises(RuntimeError, match="ServiceUnavailable"):
+        service.create(_invocation(slide_id, proxy, token))
+
+    [shown] = _stored(mock, slide_id)
+    assert shown["displayResult"] == "Analysis could not be started: run it again"
+    assert launcher.submitted == []
+    assert store.find_idempotent_run(SectraService.idempotency_key(APP, slide_id, token)) is None
