@@ -21,3 +21,7 @@ class BenchRow:
         if self.higher_is_better:
             return self.ours / self.baseline if self.baseline else float("inf")
         return self.baseline / self.ours if self.ours else float("inf")
+
+    def summary(self) -> str:
+        """The row as a benchmark prints it when run alone."""
+        return f"{self.stage}: baseline {self.baseline:.2f}, ours {self.ours:.2f} {self.unit}, ratio {self.ratio:.2f}x"

@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     print(f"throughput ours / baseline: {report.speedup:.2f}x (goal: at least 2x)")
     rows = report.rows()
     for row in rows:
-        print(f"  {row.stage}: baseline {row.baseline:.2f}, ours {row.ours:.2f} {row.unit}, ratio {row.ratio:.2f}x")
+        print(f"  {row.summary()}")
     return rows
 
 

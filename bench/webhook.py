@@ -972,7 +972,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     )
     rows = report.rows()
     for row in rows:
-        print(f"  {row.stage}: baseline {row.baseline:.2f}, ours {row.ours:.2f} {row.unit}, ratio {row.ratio:.2f}x")
+        print(f"  {row.summary()}")
     return rows
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import aws_cdk as cdk
 import aws_cdk.aws_events as events
 import aws_cdk.aws_events_targets as targets
+import aws_cdk.aws_iam as iam
 import aws_cdk.aws_lambda as lambda_
 import aws_cdk.aws_sqs as sqs
 from constructs import Construct
@@ -31,6 +32,24 @@ JOB_EVENTS_HANDLER = "lambdas.job_events.handler.handler"
 SCHEDULER_HANDLER = "lambdas.scheduler.handler.handler"
 # How often runs past their scheduling.deadline are looked for (the job also checks before each item).
 DEADLINE_SWEEP_PERIOD = cdk.Duration.minutes(5)
+
+
+def results_delivery_environment(config: InfraConfig, storage: Storage) -> dict[str, str]:
+    """What a function that ends runs needs to post a Techcyte run's results: the data, the Techcyte
+    credentials and the outbound allowlists (job_events for dead jobs, the deadline sweep for overdue runs)."""
+    return {
+        **storage.data_environment(),
+        "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
+        **config.outbound_environment(),
+    }
+
+
+def grant_results_delivery(storage: Storage, grantee: iam.IGrantable) -> None:
+    """The rights to go with :func:`results_delivery_environment`: the run table, the stored per-scan
+    results under the artifacts prefix (read only) and the Techcyte credentials."""
+    storage.grant_table(grantee)
+    storage.grant_objects(grantee, ARTIFACTS_PREFIX, read=True)
+    storage.grant_techcyte_credentials_read(grantee)
 
 
 class JobEvents(Construct):
@@ -77,16 +96,9 @@ class JobEvents(Construct):
             storage=storage,
             network=network,
             layers=layers,
-            environment={
-                **storage.data_environment(),
-                "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
-                **config.outbound_environment(),
-                **(extra_environment or {}),
-            },
+            environment={**results_delivery_environment(config, storage), **(extra_environment or {})},
         )
-        storage.grant_table(self.function)
-        storage.grant_objects(self.function, ARTIFACTS_PREFIX, read=True)
-        storage.grant_techcyte_credentials_read(self.function)
+        grant_results_delivery(storage, self.function)
 
         self.rule = events.Rule(
             self,
@@ -142,19 +154,15 @@ class DeadlineSweep(Construct):
             network=network,
             layers=layers,
             environment={
-                **storage.data_environment(),
-                "SLIDEBRIDGE_TECHCYTE_CREDENTIALS_SECRET_ARN": storage.techcyte_credentials_secret.secret_arn,
+                **results_delivery_environment(config, storage),
                 # The launcher only cancels here; it is built from the same settings as the api function's.
                 "SLIDEBRIDGE_LAUNCHER": "batch",
                 "SLIDEBRIDGE_JOB_QUEUE": jobs.job_queue.job_queue_arn,
                 "SLIDEBRIDGE_JOB_DEFINITION": jobs.job_definition.job_definition_arn,
-                **config.outbound_environment(),
                 **(extra_environment or {}),
             },
         )
-        storage.grant_table(self.function)
-        storage.grant_objects(self.function, ARTIFACTS_PREFIX, read=True)
-        storage.grant_techcyte_credentials_read(self.function)
+        grant_results_delivery(storage, self.function)
         jobs.grant_terminate(self.function)
 
         self.rule = events.Rule(

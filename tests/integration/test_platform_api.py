@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -20,64 +19,12 @@ CRC = "mnG7TA=="
 SLIDE_URL = "https://slides.example.org/bucket/slide-1?X-Amz-Signature=abc"
 
 
-def _batch_resources() -> tuple[str, str]:
-    ec2 = boto3.client("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.0.0/24")["Subnet"]["SubnetId"]
-    sg = ec2.create_security_group(GroupName="batch", Description="batch", VpcId=vpc)["GroupId"]
-    role = boto3.client("iam").create_role(
-        RoleName="batch", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []})
-    )["Role"]["Arn"]
-    iam = boto3.client("iam")
-    profile = iam.create_instance_profile(InstanceProfileName="batch")["InstanceProfile"]["Arn"]
-    iam.add_role_to_instance_profile(InstanceProfileName="batch", RoleName="batch")
-    batch = boto3.client("batch")
-    env = batch.create_compute_environment(
-        computeEnvironmentName="gpu",
-        type="MANAGED",
-        state="ENABLED",
-        computeResources={
-            "type": "EC2",
-            "minvCpus": 0,
-            "maxvCpus": 16,
-            "instanceTypes": ["g4dn.xlarge"],
-            "subnets": [subnet],
-            "securityGroupIds": [sg],
-            "instanceRole": profile,
-        },
-        serviceRole=role,
-    )["computeEnvironmentArn"]
-    queue = batch.create_job_queue(
-        jobQueueName="gpu",
-        state="ENABLED",
-        priority=1,
-        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env}],
-    )["jobQueueArn"]
-    definition = batch.register_job_definition(
-        jobDefinitionName="slidebridge-job",
-        type="container",
-        parameters={"run_id": "none"},
-        containerProperties={
-            "image": "slidebridge-job:latest",
-            "command": ["python", "-m", "batch_job", "Ref::run_id"],
-            "resourceRequirements": [{"type": "VCPU", "value": "4"}, {"type": "MEMORY", "value": "15360"}],
-        },
-    )["jobDefinitionArn"]
-    return queue, definition
-
-
 @pytest.fixture
-def api(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunStore]:
-    queue, definition = _batch_resources()
-    monkeypatch.setenv("SLIDEBRIDGE_LAUNCHER", "batch")
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_QUEUE", queue)
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_DEFINITION", definition)
+def api(batch_api: None, monkeypatch: pytest.MonkeyPatch) -> RunStore:
     monkeypatch.setenv("SLIDEBRIDGE_DOWNLOAD_HOSTS", "slides.example.org")
-    deps.reset()
     store = RunStore(TABLE)
     store.register_api_token(TOKEN, user_id="user-1", organization_id="org-a")
-    yield store
-    deps.reset()
+    return store
 
 
 def call(method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:

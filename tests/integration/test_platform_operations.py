@@ -9,7 +9,6 @@ which are strict: a shape they reject would break the SDK.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,25 +40,19 @@ from slidebridge.settings import get_settings
 from slidebridge.store import RunStore
 from tests.apigw import LambdaContext
 from tests.integration.conftest import BUCKET, TABLE, TOKEN
-from tests.integration.test_platform_api import _batch_resources, call, run_body
+from tests.integration.test_platform_api import call, run_body
 
 OTHER_TOKEN = "other-org-token-9876543210"
 UNKNOWN_RUN = "00000000-0000-4000-8000-000000000000"
 
 
 @pytest.fixture
-def api(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunStore]:
-    queue, definition = _batch_resources()
-    monkeypatch.setenv("SLIDEBRIDGE_LAUNCHER", "batch")
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_QUEUE", queue)
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_DEFINITION", definition)
+def api(batch_api: None, monkeypatch: pytest.MonkeyPatch) -> RunStore:
     monkeypatch.setenv("SLIDEBRIDGE_DOWNLOAD_HOSTS", "slides.example.org")
-    deps.reset()
     store = RunStore(TABLE)
     store.register_api_token(TOKEN, user_id="user-1", organization_id="org-a")
     store.register_api_token(OTHER_TOKEN, user_id="user-2", organization_id="org-b")
-    yield store
-    deps.reset()
+    return store
 
 
 def create_run(**overrides: Any) -> str:

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from lambdas.api import deps
 from lambdas.api.handler import handler
 from slidebridge.runs import ItemState, RunSource
 from slidebridge.store import RunStore
 from slidebridge.vendors.techcyte_service import TASK_TOKEN
 from tests.apigw import LambdaContext, api_event
 from tests.integration.conftest import TABLE
-from tests.integration.test_platform_api import _batch_resources
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "techcyte"
 KEY = "techcyte-key-7f3a9"
@@ -31,17 +28,11 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJ0YXNrIjo0MjQyfQ.c2ln"
 
 
 @pytest.fixture
-def api(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunStore]:
-    queue, definition = _batch_resources()
-    monkeypatch.setenv("SLIDEBRIDGE_LAUNCHER", "batch")
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_QUEUE", queue)
-    monkeypatch.setenv("SLIDEBRIDGE_JOB_DEFINITION", definition)
+def api(batch_api: None, monkeypatch: pytest.MonkeyPatch) -> RunStore:
     monkeypatch.setenv("SLIDEBRIDGE_TECHCYTE_WEBHOOK_KEY", KEY)
     # Techcyte's presigned URLs point at the customer's S3 bucket in us-west-2 (fixtures).
     monkeypatch.setenv("SLIDEBRIDGE_DOWNLOAD_HOSTS", "bucket.s3.us-west-2.amazonaws.com")
-    deps.reset()
-    yield RunStore(TABLE)
-    deps.reset()
+    return RunStore(TABLE)
 
 
 def _fixture(name: str) -> dict[str, Any]:
