@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from slidebridge.applications import APPLICATIONS
 from slidebridge.errors import NotFoundError, UrlNotAllowedError, ValidationFailedError
-from slidebridge.jobs import submit_run_job
+from slidebridge.jobs import deliver_techcyte_results, submit_run_job
 from slidebridge.launcher import JobLauncher
 from slidebridge.outbound import OutboundPolicy, Purpose
 from slidebridge.runs import InputArtifact, Item, Run, RunSource
@@ -118,7 +118,11 @@ class TechcyteService:
         except DuplicateRunError as exc:
             # A concurrent delivery of the same task won the race: it owns the job.
             return WebhookAccepted(run_id=exc.run_id)
-        job_id = submit_run_job(self.store, self.launcher, run, len(items))
+        try:
+            job_id = submit_run_job(self.store, self.launcher, run, len(items))
+        except Exception:
+            self._report_not_started(run.run_id)
+            raise
         logger.info(
             "techcyte task started run %s (job %s)",
             run.run_id,
@@ -126,6 +130,18 @@ class TechcyteService:
             extra={"task_id": payload.task_id, "scans": len(items), "has_jwt": payload.jwt_token is not None},
         )
         return WebhookAccepted(run_id=run.run_id)
+
+    def _report_not_started(self, run_id: str) -> None:
+        """Post the task's results (each scan "Analysis failed: …") when its job could not be submitted.
+
+        ``submit_run_job`` has ended the run. A retried webhook finds that run and starts nothing, and
+        Techcyte keeps a task open until results arrive: without this post it would wait forever.
+        Best effort: a failure is logged and the caller re-raises the submission error.
+        """
+        try:
+            deliver_techcyte_results(self.store, self.settings, run_id)
+        except Exception:
+            logger.exception("could not post the results of techcyte run %s, whose job did not start", run_id)
 
     def _application(self, payload: WebhookPayload) -> tuple[str, str]:
         """The application to run: the default, or the one the case algorithm names in

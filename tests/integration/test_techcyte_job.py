@@ -391,3 +391,34 @@ def test_cancelled_run_completes_the_task_with_cancelled_scans_and_keeps_finishe
     # The stopped job's FAILED event changes nothing more.
     job_events_handler(_job_failed(run_id), LambdaContext())  # type: ignore[arg-type]
     assert len(fake.posts) == 1
+
+
+class _RefusingLauncher(RecordingLauncher):
+    """AWS Batch refusing the submission (quota, a deleted job definition)."""
+
+    def submit(self, run_id: str, item_count: int) -> str:
+        self.submitted.append((run_id, item_count))
+        raise RuntimeError("SubmitJob: ClientException")
+
+
+def test_job_that_cannot_be_submitted_completes_the_task_and_a_retried_webhook_starts_nothing(
+    settings: Settings, store: RunStore, fake: FakeTechcyte
+) -> None:
+    task = fake.add_task({"6701": [GARBAGE], "6702": [GARBAGE]})
+    launcher = _RefusingLauncher()
+    service = TechcyteService(settings, store, launcher, OutboundPolicy.from_settings(settings))
+    payload = WebhookPayload.model_validate(fake.webhook_payload(task))
+
+    with pytest.raises(RuntimeError, match="SubmitJob"):
+        service.accept(payload)
+
+    # Techcyte keeps a task open until results arrive: each scan is told why, in one POST.
+    (post,) = fake.posts
+    scans = post[1]["scanResults"]
+    assert len(scans) == 2
+    assert all(scan["qcFailReasons"] == ["analysis_failed"] for scan in scans)
+    assert all("could not be started" in scan["results"]["summary"] for scan in scans)
+    # Techcyte delivering the webhook again finds the run: no second job, no second POST.
+    service.accept(payload)
+    assert len(launcher.submitted) == 1
+    assert len(fake.posts) == 1
