@@ -130,23 +130,52 @@ class ListQuery(BaseModel):
     def offset(self) -> int:
         return (self.page - 1) * self.page_size
 
+    @property
+    def end(self) -> int:
+        """How many records precede this page's end, counting its own."""
+        return self.offset + self.page_size
+
+    def reads_early_part(self, arrival: SortKey | None) -> bool:
+        """Whether ``apply`` stops reading records that come in ``arrival`` order once the page is full."""
+        return not self.sort or self.sort[0] == arrival
+
     def apply(
         self,
         records: Iterable[T],
         value_of: Callable[[T, str], Any],
         *,
         tiebreak: Callable[[T], Any],
+        arrival: SortKey | None = None,
     ) -> list[T]:
         """This page of ``records`` in the requested order.
 
         Without ``sort``, ``records`` are taken to be in the resource's default order already and are
         consumed only as far as this page needs (so a lazy store query can stop early). With ``sort``,
-        everything is read and sorted; ties fall back to ``tiebreak`` (a unique key) so pages stay stable.
+        ties fall back to ``tiebreak`` (a unique key) so pages stay stable. ``arrival`` is the order
+        ``records`` come in, if they come ordered by one field (runs by ``submitted_at``): a ``sort``
+        that starts with that key reads only as far as the page and the records tied with its last
+        one; any other ``sort`` reads everything.
         """
         if not self.sort:
-            return list(islice(records, self.offset, self.offset + self.page_size))
+            return list(islice(records, self.offset, self.end))
+        if self.sort[0] == arrival:
+            records = _leading(records, self.end, key=lambda record: sort_value(value_of(record, arrival.field)))
         ordered = sort_records(records, self.sort, value_of, tiebreak=tiebreak)
-        return ordered[self.offset : self.offset + self.page_size]
+        return ordered[self.offset : self.end]
+
+
+def _leading(records: Iterable[T], count: int, *, key: Callable[[T], Any]) -> list[T]:
+    """The first ``count`` of ``records`` (which come ordered by ``key``) and all that tie with the last.
+
+    Whatever comes later has a worse first sort key than every record of the page, and the tied
+    ones are kept so that the other keys and the tiebreak order them exactly as a full sort would.
+    """
+    taken: list[T] = []
+    for record in records:
+        if len(taken) >= count and key(record) != key(taken[-1]):
+            break
+        taken.append(record)
+    return taken
 
 
 def parse_page(params: QueryParams) -> tuple[int, int]:

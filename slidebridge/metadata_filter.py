@@ -14,7 +14,9 @@ Supported (anything else is a 422 naming what could not be parsed and the charac
 - predicates: ``==``, ``!=`` (and ``<>``), ``<``, ``<=``, ``>``, ``>=`` between paths and literals
   (double-quoted strings, numbers, ``true``, ``false``, ``null``); ``&&``, ``||``, ``!( ... )``,
   parentheses; ``exists( path )``; ``like_regex "pattern"`` with optional ``flag "imsq"``;
-  ``starts with "prefix"``.
+  ``starts with "prefix"``. like_regex patterns use Python's syntax (POSIX bracket classes such
+  as ``[[:digit:]]`` too) and may match for ``REGEX_BUDGET_S`` seconds in all per list request; a
+  pattern that takes longer is a 422 saying so.
 
 Lax mode as in PostgreSQL: an accessor applied to an array applies to its elements (one level);
 ``[*]``/``[0]`` on a non-array see the value itself; a missing field yields nothing instead of an
@@ -35,15 +37,23 @@ language (no ``@?`` existence semantics, no ``like_regex``, different filter syn
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slidebridge.errors import ListQueryError
 
+if TYPE_CHECKING:
+    import regex
+
 MAX_FILTER_LENGTH = 1000
+# CPU seconds that one filter's like_regex matching may take in all, over every record of one list
+# request. Ordinary patterns need milliseconds for thousands of records; a pattern that backtracks
+# exponentially (``(a+)+$``) would otherwise hold the Lambda until its timeout.
+REGEX_BUDGET_S = 2.0
 # Bounds the parser's recursion (and so the evaluator's) whatever the input: 1000 characters of
 # "((((" must be a 422, not a RecursionError.
 _MAX_NESTING = 32
@@ -52,7 +62,8 @@ _PUNCTUATION = {"$", "@", ".", "[", "]", "(", ")", ",", "*", "?", "-", "+"}
 _COMPARISONS = {"==", "!=", "<>", "<", "<=", ">", ">="}
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-# PostgreSQL rejects XQuery's "x" flag ("not implemented"), so do we.
+# PostgreSQL rejects XQuery's "x" flag ("not implemented"), so do we. The values are re's, which the
+# regex module shares.
 _REGEX_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "q": 0}
 # PostgreSQL's regex engine knows POSIX classes inside brackets ([[:digit:]]); Python's re does not.
 _POSIX_CLASSES = {
@@ -74,22 +85,30 @@ _POSIX_CLASS = re.compile(r"\[:([a-z]+):\]")
 
 
 class MetadataFilterError(ListQueryError):
-    """The ``custom_metadata`` filter cannot be parsed (HTTP 422); ``position`` is 1-based."""
+    """The ``custom_metadata`` filter cannot be parsed, or its like_regex is too slow (HTTP 422).
 
-    def __init__(self, reason: str, *, text: str, position: int | None) -> None:
+    ``position`` is 1-based.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        text: str,
+        position: int | None,
+        error_type: str = "jsonpath_syntax",
+        subject: str = "invalid custom_metadata filter",
+    ) -> None:
         if position is None:
-            message = f"invalid custom_metadata filter: {reason}"
+            message = f"{subject}: {reason}"
         elif position >= len(text):
-            message = f"invalid custom_metadata filter at character {position + 1} (the end): {reason}"
+            message = f"{subject} at character {position + 1} (the end): {reason}"
         else:
-            message = (
-                f"invalid custom_metadata filter at character {position + 1} "
-                f"(near {text[position : position + 16]!r}): {reason}"
-            )
+            message = f"{subject} at character {position + 1} (near {text[position : position + 16]!r}): {reason}"
         super().__init__(
             message,
             loc=("query", "custom_metadata"),
-            error_type="jsonpath_syntax",
+            error_type=error_type,
             input_value=text,
             ctx={"position": position + 1} if position is not None else None,
         )
@@ -149,10 +168,51 @@ class Compare:
     right: Operand
 
 
+class RegexBudget:
+    """The matching time left to one filter's like_regex patterns, shared by all of them.
+
+    Counts only time spent matching (not the store reads between records).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TimedPattern:
+    """A like_regex pattern whose searches stop once the filter's ``RegexBudget`` is spent."""
+
+    compiled: regex.Pattern[str]
+    budget: RegexBudget
+    text: str  # the whole filter and the pattern's position in it, for the 422
+    position: int
+
+    def search(self, value: str) -> bool:
+        remaining = self.budget.seconds - self.budget.spent
+        started = time.perf_counter()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return self.compiled.search(value, timeout=remaining) is not None
+        except TimeoutError:
+            raise MetadataFilterError(
+                f"the like_regex pattern needed more than {self.budget.seconds:g} s of matching for this "
+                "list; simplify it (nested repetition such as (a+)+ takes time exponential in the "
+                "text's length)",
+                text=self.text,
+                position=self.position,
+                error_type="jsonpath_regex_timeout",
+                subject="custom_metadata filter too slow",
+            ) from None
+        finally:
+            self.budget.spent += time.perf_counter() - started
+
+
 @dataclass(frozen=True, slots=True)
 class LikeRegex:
     operand: Operand
-    pattern: re.Pattern[str]
+    pattern: TimedPattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,8 +380,9 @@ def _read_unicode_escape(text: str, i: int) -> tuple[str, int]:
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, regex_budget: RegexBudget) -> None:
         self.text = text
+        self.regex_budget = regex_budget
         self.tokens = _tokenize(text)
         self.i = 0
         self.depth = 0
@@ -522,7 +583,7 @@ class _Parser:
             f"found {self._describe(token)}; to test that a field exists, use exists(@.field)"
         )
 
-    def parse_regex(self) -> re.Pattern[str]:
+    def parse_regex(self) -> TimedPattern:
         pattern_token = self.expect("STRING", 'a double-quoted pattern after like_regex, e.g. like_regex "^ab"')
         flags = 0
         literal = False
@@ -535,15 +596,17 @@ class _Parser:
                 flags |= _REGEX_FLAGS[letter]
                 literal = literal or letter == "q"
         source = re.escape(pattern_token.value) if literal else _posix_classes(pattern_token.value)
-        # Python's re has no time limit, so a pathological pattern costs CPU time; it only ever runs over
-        # the caller's own organisation's metadata, within the Lambda's timeout. (The third-party
-        # "regex" module offers a timeout should that ever matter.)
+        # The regex module (re's syntax, version 0) rather than re: re cannot stop a search, and a
+        # caller's pattern can backtrack for minutes. Imported here: most filters have no like_regex.
+        import regex  # noqa: PLC0415
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": fine for our patterns
-                return re.compile(source, flags)
-        except re.error as exc:
+                compiled = regex.compile(source, flags | regex.VERSION0)
+        except regex.error as exc:
             raise self.fail(f"invalid regular expression: {exc}", pattern_token) from None
+        return TimedPattern(compiled, self.regex_budget, self.text, pattern_token.pos)
 
     # operand := "@" steps | "$" steps | string | number | true | false | null
     def parse_operand(self) -> Operand:
@@ -762,12 +825,16 @@ class MetadataFilter:
         return bool(_path_items(self.path, metadata, metadata))
 
 
-def parse_metadata_filter(text: str) -> MetadataFilter:
-    """Parse a filter; raises ``MetadataFilterError`` (a 422) saying what failed and where."""
+def parse_metadata_filter(text: str, *, regex_budget_s: float = REGEX_BUDGET_S) -> MetadataFilter:
+    """Parse a filter; raises ``MetadataFilterError`` (a 422) saying what failed and where.
+
+    Its like_regex patterns may match for ``regex_budget_s`` seconds in all; past that, ``matches``
+    raises ``MetadataFilterError`` too. Parse one filter per request: the budget is the filter's.
+    """
     if len(text) > MAX_FILTER_LENGTH:
         raise MetadataFilterError(
             f"the filter is {len(text)} characters long; at most {MAX_FILTER_LENGTH} are allowed",
             text=text[:MAX_FILTER_LENGTH],
             position=None,
         )
-    return MetadataFilter(source=text, path=_Parser(text).parse())
+    return MetadataFilter(source=text, path=_Parser(text, RegexBudget(regex_budget_s)).parse())

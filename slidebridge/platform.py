@@ -46,6 +46,7 @@ from slidebridge.listing import (
     RUN_SORT_FIELDS,
     ListQuery,
     QueryParams,
+    SortKey,
     last_value,
     parse_enum,
     split_values,
@@ -467,6 +468,11 @@ def item_view(item: Item) -> ItemResultReadResponse:
 # --- list queries (PLATFORM_API.md §2, §6–§8) ------------------------------------------------------
 
 
+# The two orders the store reads an organisation's runs in (gsi1, by submission time).
+_NEWEST_FIRST = SortKey(field="submitted_at", descending=True)
+_OLDEST_FIRST = SortKey(field="submitted_at", descending=False)
+
+
 def _field(record: Any, name: str) -> Any:
     # Every sort field of §7 is an attribute of the same name on Run, Item and Application.
     return getattr(record, name)
@@ -693,22 +699,28 @@ class PlatformService:
     def list_runs(self, principal: Principal, query: RunListQuery) -> list[Run]:
         """One page of the runs of the caller's organisation that pass ``query``'s filters.
 
-        Reads the organisation's runs with a gsi1 query (newest first), never a table scan. In the
-        default order the query stops as soon as the page is full; a ``sort`` reads them all. Items
-        are read (for ``external_id``) only for runs that passed every other filter.
+        Reads the organisation's runs with a gsi1 query, which gives them in submission order, never a
+        table scan. In the default order (newest first) and sorted by ``submitted_at`` either way
+        (the SDK always asks for ``-submitted_at``), the query stops once the page is full; any
+        other ``sort`` reads them all. Items are read (for ``external_id``) only for runs that passed
+        every other filter.
         """
         if query.for_organization is not None and query.for_organization != principal.organization_id:
             raise NotFoundError(f"organization {query.for_organization} not found")
         submitted_by = principal.user_id if query.submitted_by == "me" else query.submitted_by
-        runs: Iterator[Run] = (
-            run
-            for run in self.store.iter_runs(principal.organization_id)
-            if query.matches(run, submitted_by=submitted_by)
+        listing = query.listing
+        newest_first = listing.sort[:1] != (_OLDEST_FIRST,)
+        arrival = _NEWEST_FIRST if newest_first else _OLDEST_FIRST
+        stored = self.store.iter_runs(
+            principal.organization_id,
+            newest_first=newest_first,
+            first_page=listing.end if listing.reads_early_part(arrival) else None,
         )
+        runs: Iterator[Run] = (run for run in stored if query.matches(run, submitted_by=submitted_by))
         if query.external_id is not None:
             external_id = query.external_id
             runs = (run for run in runs if self._has_item(run.run_id, external_id))
-        return query.listing.apply(runs, _field, tiebreak=lambda run: run.run_id)
+        return listing.apply(runs, _field, tiebreak=lambda run: run.run_id, arrival=arrival)
 
     def _has_item(self, run_id: str, external_id: str) -> bool:
         return any(item.external_id == external_id for item in self.store.list_items(run_id))

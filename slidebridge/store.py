@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -161,6 +161,10 @@ def _sortable_time(value: datetime) -> str:
     return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _alias_record(key: str, run_id: str) -> dict[str, Any]:
+    return {"pk": {"S": f"ALIAS#{key}"}, "sk": {"S": "ALIAS"}, "run_id": {"S": run_id}}
+
+
 def _deadline_record(run_id: str, deadline: datetime) -> dict[str, Any]:
     return {
         "pk": {"S": f"RUN#{run_id}"},
@@ -201,7 +205,8 @@ class RunStore:
         record: dict[str, Any] = {
             **_run_key(run.run_id),
             "gsi1pk": {"S": f"ORG#{run.organization_id}"},
-            "gsi1sk": {"S": f"{_iso(run.submitted_at)}#{run.run_id}"},
+            # Fixed-width time: the index order is then submission order, which lists rely on.
+            "gsi1sk": {"S": f"{_sortable_time(run.submitted_at)}#{run.run_id}"},
             "state": {"S": run.state.value},
             "version": {"N": str(run.version)},
             "doc": {"S": run.model_dump_json(exclude={"statistics", "state", "version"})},
@@ -242,13 +247,16 @@ class RunStore:
         *,
         idempotency_key: str | None = None,
         credentials: dict[str, str] | None = None,
+        aliases: Sequence[str] = (),
     ) -> Run:
         """Store a new run with its items, all or nothing.
 
         With an ``idempotency_key``, a second call for the same key raises ``DuplicateRunError``
         naming the first run, and writes nothing. ``credentials`` (name → secret, e.g. a vendor's
         task token) are written with the run record, so a run never exists without them and a
-        refused duplicate leaves none behind.
+        refused duplicate leaves none behind. ``aliases`` (lookup keys, as ``put_alias`` takes them)
+        point at the new run from the same write, so a vendor's later cancel or delete always finds
+        a run that exists, and a refused duplicate moves no alias.
         """
         run = run.model_copy(update={"statistics": RunStatistics.of_items(items), "version": 0})
         puts: list[dict[str, Any]] = [
@@ -261,6 +269,8 @@ class RunStore:
             }
             for name, value in (credentials or {}).items()
         ]
+        # No condition: an alias is a pointer, and the latest run for a key wins (as in put_alias).
+        puts.extend({"Put": {"TableName": self.table_name, "Item": _alias_record(key, run.run_id)}} for key in aliases)
         if idempotency_key is not None:
             puts.append(
                 {
@@ -623,10 +633,7 @@ class RunStore:
 
     def put_alias(self, key: str, run_id: str) -> None:
         """Point a lookup key (a vendor's result id, a slide) at a run; the latest write wins."""
-        self.client.put_item(
-            TableName=self.table_name,
-            Item={"pk": {"S": f"ALIAS#{key}"}, "sk": {"S": "ALIAS"}, "run_id": {"S": run_id}},
-        )
+        self.client.put_item(TableName=self.table_name, Item=_alias_record(key, run_id))
 
     def find_alias(self, key: str) -> str | None:
         response = self.client.get_item(
@@ -830,8 +837,15 @@ class RunStore:
 
     # --- listing ------------------------------------------------------------------------------
 
-    def iter_runs(self, organization_id: str, *, newest_first: bool = True) -> Iterator[Run]:
-        """Runs of one organisation, by submission time (a query on gsi1, never a scan)."""
+    def iter_runs(
+        self, organization_id: str, *, newest_first: bool = True, first_page: int | None = None
+    ) -> Iterator[Run]:
+        """Runs of one organisation, by submission time (a query on gsi1, never a scan).
+
+        ``first_page``: how many runs the caller expects to need. The first query reads that many,
+        each further one twice as many as the last, so a caller that stops early reads (and pays
+        for) little more than it uses. Without it each query reads DynamoDB's 1 MB.
+        """
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": "gsi1",
@@ -839,7 +853,11 @@ class RunStore:
             "ExpressionAttributeValues": {":org": {"S": f"ORG#{organization_id}"}},
             "ScanIndexForward": not newest_first,
         }
+        limit = max(first_page, 1) if first_page is not None else None
         while True:
+            if limit is not None:
+                kwargs["Limit"] = limit
+                limit *= 2
             response = self.client.query(**kwargs)
             for record in response.get("Items", []):
                 yield self._run_from_record(record)

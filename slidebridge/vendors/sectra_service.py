@@ -154,15 +154,19 @@ class SectraService:
             },
         )
         item = Item(run_id=run.run_id, index=0, external_id=context.slide_id)
+        aliases = [f"sectra-slide:{context.application_id}:{context.slide_id}"]
+        if stored.id is not None:
+            aliases.append(f"sectra-result:{context.application_id}:{stored.id}")
         try:
-            # The callback token goes in the same transaction: a run never exists without it.
-            run = self.store.create_run(run, [item], idempotency_key=key, credentials={CALLBACK_TOKEN: token})
+            # The callback token and the lookups of a later cancel, delete or modify go in the same
+            # transaction: a run never exists without them, and after it only the job can fail to
+            # start (which submit_run_job closes the run for).
+            run = self.store.create_run(
+                run, [item], idempotency_key=key, credentials={CALLBACK_TOKEN: token}, aliases=aliases
+            )
         except DuplicateRunError:
             # A concurrent retry of the same create won the race: it owns the job.
             return None
-        if stored.id is not None:
-            self.store.put_alias(f"sectra-result:{context.application_id}:{stored.id}", run.run_id)
-        self.store.put_alias(f"sectra-slide:{context.application_id}:{context.slide_id}", run.run_id)
         job_id = submit_run_job(self.store, self.launcher, run, 1)
         logger.info("sectra create started run %s (job %s)", run.run_id, job_id)
         return run

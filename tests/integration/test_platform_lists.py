@@ -201,6 +201,21 @@ def test_bad_custom_metadata_filter_is_422_saying_where(api: RunStore) -> None:
     assert error["ctx"] == {"position": 17}
 
 
+def test_like_regex_that_backtracks_without_end_is_a_422_not_a_timeout(api: RunStore) -> None:
+    # Given runs whose names a careless pattern cannot finish matching (1.6^40 ways to try)
+    for minute in range(3):
+        add_run(api, minute, metadata={"name": "a" * 40 + "b"})
+    # When the list asks for them
+    status, body = call("/api/v1/runs", {"custom_metadata": ['$.name ? (@ like_regex "^(a|aa)+$")']})
+    # Then the caller learns which part to change, within the filter's matching budget
+    assert status == 422
+    (error,) = body["detail"]
+    assert error["type"] == "jsonpath_regex_timeout"
+    assert error["loc"] == ["query", "custom_metadata"]
+    assert error["msg"].startswith("custom_metadata filter too slow at character 24")
+    assert "like_regex pattern needed more than 2 s" in error["msg"] and "simplify it" in error["msg"]
+
+
 def test_runs_of_other_organisations_are_invisible(api: RunStore) -> None:
     mine = add_run(api, 1, metadata={"study": "x"})
     theirs = add_run(api, 2, org="org-b", metadata={"study": "x"}, submitted_by="user-2")
@@ -233,15 +248,34 @@ def test_listing_many_runs_queries_gsi1_and_never_scans(api: RunStore) -> None:
         batch = [{"PutRequest": {"Item": record}} for record in records[start : start + 25]]
         api.client.batch_write_item(RequestItems={TABLE: batch})
     operations: list[str] = []
-    deps.run_store().client.meta.events.register(
-        "before-call.dynamodb", lambda model, **_: operations.append(model.name)
-    )
+    read: list[int] = []  # runs read from the index, per list call
+    events = deps.run_store().client.meta.events
+    events.register("before-call.dynamodb", lambda model, **_: operations.append(model.name))
+    events.register("after-call.dynamodb.Query", lambda parsed, **_: read.append(read.pop() + parsed["ScannedCount"]))
 
-    status, first = call("/api/v1/runs", {"page_size": ["5"]})
-    assert status == 200
-    assert [r["custom_metadata"]["i"] for r in first] == [1999, 1998, 1997, 1996, 1995]
-    # The default order is the index's: the first result page of the query is enough.
-    assert operations.count("Query") == 1
+    def listed(query: dict[str, list[str]]) -> tuple[list[int], int]:
+        read.append(0)
+        status, runs = call("/api/v1/runs", query)
+        assert status == 200, runs
+        return [r["custom_metadata"]["i"] for r in runs], read[-1]
+
+    page, runs_read = listed({"page_size": ["5"]})
+    assert page == [1999, 1998, 1997, 1996, 1995]
+    # The default order is the index's: reading the page's five runs is enough.
+    assert runs_read == 5
+
+    # The SDK always sorts by -submitted_at: the index's order too, so it reads little more than its page.
+    page, runs_read = listed({"page_size": ["5"], "sort": ["-submitted_at"]})
+    assert page == [1999, 1998, 1997, 1996, 1995]
+    assert runs_read < 20
+    page, runs_read = listed({"page_size": ["100"], "page": ["3"], "sort": ["submitted_at", "-custom_metadata"]})
+    assert page == list(range(200, 300))
+    assert runs_read < 1000
+
+    # A sort the index cannot give reads the organisation's runs, all of them but no more.
+    page, runs_read = listed({"page_size": ["5"], "sort": ["-custom_metadata"]})
+    assert page == [1999, 1998, 1997, 1996, 1995]
+    assert runs_read == 2000
 
     status, last = call("/api/v1/runs", {"page_size": ["100"], "page": ["20"]})
     assert status == 200

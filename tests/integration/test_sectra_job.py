@@ -784,6 +784,9 @@ def test_job_that_cannot_be_submitted_says_so_in_the_viewer_and_a_retry_starts_n
     assert run.state is RunState.TERMINATED
     assert run.error_code == "JOB_SUBMISSION_FAILED"
     assert run.vendor_context["version_id"] == shown["versionId"]
+    # Written with the run: a later delete or modify of that result finds the (ended) run.
+    assert store.find_alias(f"sectra-slide:{APP}:{slide_id}") == run_id
+    assert store.find_alias(f"sectra-result:{APP}:{shown['id']}") == run_id
 
     # Sectra retrying the same invocation gets that result back and starts nothing.
     assert service.create(invocation)["displayResult"] == "Analysis could not be started: run it again"

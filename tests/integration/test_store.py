@@ -24,7 +24,7 @@ from slidebridge.store import DuplicateRunError, RunStore
 from tests.integration.conftest import TABLE
 
 
-def _new_run(store: RunStore, n_items: int = 2, *, key: str | None = None) -> Run:
+def _new_run(store: RunStore, n_items: int = 2, *, key: str | None = None, aliases: tuple[str, ...] = ()) -> Run:
     run = Run(application_id="he-tissue", version_number="1.0.0", organization_id="org-a", submitted_by="u1")
     items = [
         Item(
@@ -35,7 +35,7 @@ def _new_run(store: RunStore, n_items: int = 2, *, key: str | None = None) -> Ru
         )
         for i in range(n_items)
     ]
-    return store.create_run(run, items, idempotency_key=key)
+    return store.create_run(run, items, idempotency_key=key, aliases=aliases)
 
 
 def _assert_counters_match_items(store: RunStore, run_id: str) -> None:
@@ -187,8 +187,27 @@ def test_idempotency_key_starts_one_run_only(store: RunStore) -> None:
     assert [r.run_id for r in runs] == [first.run_id]
 
 
-def test_large_run_is_written_whole(store: RunStore) -> None:
-    run = _new_run(store, 150)
+def test_aliases_are_written_with_the_run_and_a_refused_duplicate_moves_none(store: RunStore) -> None:
+    # Given a run created with the lookups a Sectra cancel uses
+    first = _new_run(store, 1, key="sectra:app:slide-a:t1", aliases=("sectra-slide:app:slide-a",))
+    assert store.find_alias("sectra-slide:app:slide-a") == first.run_id
+
+    # When a retry of the same create (same key) races in with its own run id
+    with pytest.raises(DuplicateRunError):
+        _new_run(store, 1, key="sectra:app:slide-a:t1", aliases=("sectra-slide:app:slide-a", "sectra-result:app:r9"))
+
+    # Then the lookups still lead to the run that exists, and the refused one left no lookup behind
+    assert store.find_alias("sectra-slide:app:slide-a") == first.run_id
+    assert store.find_alias("sectra-result:app:r9") is None
+
+    # A new create for the same slide (a new cancellation token) takes the slide's lookup over
+    second = _new_run(store, 1, key="sectra:app:slide-a:t2", aliases=("sectra-slide:app:slide-a",))
+    assert store.find_alias("sectra-slide:app:slide-a") == second.run_id
+
+
+def test_large_run_is_written_whole_with_its_aliases(store: RunStore) -> None:
+    run = _new_run(store, 150, aliases=("platform:batch-7",))
+    assert store.find_alias("platform:batch-7") == run.run_id
     assert store.get_run(run.run_id).statistics.item_count == 150
     assert len(store.list_items(run.run_id)) == 150
 

@@ -207,6 +207,58 @@ def test_default_order_is_the_input_order_and_reads_only_what_the_page_needs() -
     assert len(consumed) == 20
 
 
+def _arrival_rows(descending: bool) -> list[Row]:
+    # 60 rows, 4 per timestamp (ties), in the store's order by ``when``; ids not in tiebreak order.
+    rows = [
+        Row(f"{(7 * i) % 60:02d}", name=f"n{i % 5}", when=datetime(2026, 3, 1, 9, i // 4, tzinfo=UTC))
+        for i in range(60)
+    ]
+    return sorted(rows, key=lambda row: row.when or datetime.min.replace(tzinfo=UTC), reverse=descending)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("then_by", [(), (SortKey(field="name"),), (SortKey(field="name", descending=True),)])
+def test_sort_by_the_arrival_order_reads_only_the_page_and_its_ties_and_matches_a_full_sort(
+    descending: bool, then_by: tuple[SortKey, ...]
+) -> None:
+    rows = _arrival_rows(descending)
+    arrival = SortKey(field="when", descending=descending)
+    consumed: list[Row] = []
+
+    def lazily() -> Iterator[Row]:
+        for row in rows:
+            consumed.append(row)
+            yield row
+
+    for page in range(1, 14):
+        consumed.clear()
+        query = ListQuery(page=page, page_size=5, sort=(arrival, *then_by))
+        fast = query.apply(lazily(), field, tiebreak=lambda r: r.id, arrival=arrival)
+        # The same page as when every record is read and sorted (ties on ``when`` ordered alike).
+        assert ids(fast) == ids(query.apply(rows, field, tiebreak=lambda r: r.id)), page
+        # Read: the page's end, rounded up to its timestamp's tie group of 4, and one more to see it end.
+        assert len(consumed) == min(-(-query.end // 4) * 4 + 1, len(rows)), page
+
+
+def test_sort_not_led_by_the_arrival_order_reads_everything() -> None:
+    rows = _arrival_rows(descending=True)
+    consumed: list[Row] = []
+
+    def lazily() -> Iterator[Row]:
+        for row in rows:
+            consumed.append(row)
+            yield row
+
+    arrival = SortKey(field="when", descending=True)
+    for sort in [(SortKey(field="name"), arrival), (SortKey(field="when"),)]:
+        consumed.clear()
+        query = ListQuery(page=1, page_size=5, sort=sort)
+        assert not query.reads_early_part(arrival)
+        page = query.apply(lazily(), field, tiebreak=lambda r: r.id, arrival=arrival)
+        assert ids(page) == ids(query.apply(rows, field, tiebreak=lambda r: r.id))
+        assert len(consumed) == len(rows)
+
+
 # --- other parameters ----------------------------------------------------------------------------
 
 

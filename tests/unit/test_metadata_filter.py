@@ -242,3 +242,38 @@ def test_length_limit() -> None:
 def test_whitespace_anywhere_between_tokens() -> None:
     assert matches('\t$ . study ?\n( @ ==\t"high" )  ')
     assert matches("  study")
+
+
+# --- a like_regex that backtracks exponentially ---------------------------------------------------
+
+# "^(a|aa)+$" against "aaa…ab" tries every way to split the a's into ones and twos: a Fibonacci
+# number of paths, about 1.6^n (n = 40: hours).
+CATASTROPHIC = '$.name ? (@ like_regex "^(a|aa)+$")'
+
+
+def test_catastrophic_pattern_is_stopped_with_a_422_naming_the_pattern() -> None:
+    metadata_filter = parse_metadata_filter(CATASTROPHIC, regex_budget_s=0.2)
+    with pytest.raises(MetadataFilterError) as caught:
+        metadata_filter.matches({"name": "a" * 40 + "b"})
+    error = caught.value
+    assert isinstance(error, ListQueryError)  # so the caller gets a 422, not a Lambda timeout
+    assert error.position == CATASTROPHIC.index('"^') + 1
+    assert "needed more than 0.2 s" in error.message
+    assert "simplify it" in error.message
+    assert error.detail()["type"] == "jsonpath_regex_timeout"
+
+
+def test_regex_budget_is_shared_by_every_record_of_the_list() -> None:
+    # Each record alone fits in the budget; together they do not. A list request gets one budget,
+    # so a slow pattern cannot run for the budget once per record.
+    metadata_filter = parse_metadata_filter(CATASTROPHIC, regex_budget_s=0.3)
+    records = [{"name": "a" * 18 + "b"} for _ in range(10_000)]  # about 1 ms each
+    with pytest.raises(MetadataFilterError, match=r"needed more than 0\.3 s"):
+        for record in records:
+            metadata_filter.matches(record)
+
+
+def test_ordinary_patterns_are_untouched_by_the_budget() -> None:
+    metadata_filter = parse_metadata_filter('$.name ? (@ like_regex "^slide-[[:digit:]]+$" flag "i")')
+    names = [f"Slide-{i}" for i in range(20_000)]
+    assert sum(metadata_filter.matches({"name": name}) for name in names) == 20_000
