@@ -1,26 +1,35 @@
 """Assemble the Lambda code directory (``build/lambda``) without Docker.
 
-``python -m infra.bundle`` installs ``lambdas/requirements.txt`` for the Lambda platform (CPython 3.12,
+``python -m infra.bundle`` installs ``lambdas/requirements.lock`` for the Lambda platform (CPython 3.12,
 manylinux2014 x86_64 wheels only, so nothing is compiled here) and copies the ``slidebridge`` and
 ``lambdas`` packages next to the dependencies. Both Lambda functions share this one directory as
 their code asset.
 
-A stamp file records what the directory was built from (a digest of the requirements plus the pip
-platform arguments, and a digest of the sources). Running again is a no-op when both match, copies
-only the sources when just they changed, and reinstalls everything when the requirements changed.
-The stack refuses to synthesise against a missing or stale bundle (``check_bundle``).
+The lock pins every package the Lambda ships, dependencies of dependencies too, each with its
+wheel's SHA-256, and pip installs it with ``--require-hashes --no-deps``: two deploys of one commit
+ship the same bytes, and a wheel that changed on the index is refused. ``python -m infra.bundle --lock``
+writes it from ``lambdas/requirements.txt`` (pip's own resolver, ``--dry-run --report``); the lock
+records the digest of the requirements it was made from, and a bundle is refused while they differ.
+
+A stamp file records what the directory was built from (a digest of the lock plus the pip platform
+arguments, and a digest of the sources). Running again is a no-op when both match, copies only the
+sources when just they changed, and reinstalls everything when the lock changed. The stack refuses
+to synthesise against a missing or stale bundle (``check_bundle``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from tempfile import TemporaryDirectory
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -28,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = REPO_ROOT / "build" / "lambda"
 SOURCE_PACKAGES = ("slidebridge", "lambdas")
 REQUIREMENTS = Path("lambdas") / "requirements.txt"
+LOCK = Path("lambdas") / "requirements.lock"
 STAMP_NAME = ".bundle-stamp.json"
 
 # Must agree with the functions' runtime and architecture in infra/functions.py.
@@ -45,7 +55,7 @@ _IGNORED_NAMES = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruf
 _IGNORED_SUFFIXES = (".pyc", ".pyo")
 
 PipInstall = Callable[[Path, Path], None]
-"""``(requirements_file, target_dir)``: install the requirements into ``target_dir``."""
+"""``(lock_file, target_dir)``: install the locked packages into ``target_dir``."""
 
 
 class BundleError(RuntimeError):
@@ -61,12 +71,89 @@ class BundleStamp(BaseModel):
 
 
 def requirements_digest(root: Path = REPO_ROOT) -> str:
-    """Digest of the requirements file and the pip platform arguments it is installed with."""
+    """Digest of the lock and the pip platform arguments it is installed with."""
     digest = hashlib.sha256()
     digest.update("\0".join(PIP_PLATFORM_ARGS).encode())
     digest.update(b"\0")
-    digest.update((root / REQUIREMENTS).read_bytes())
+    digest.update((root / LOCK).read_bytes())
     return digest.hexdigest()
+
+
+# --- the lock ------------------------------------------------------------------------------------
+
+_LOCK_SOURCE = re.compile(r"^# from lambdas/requirements\.txt sha256:([0-9a-f]{64})$", re.MULTILINE)
+_LOCK_HINT = "run `.venv/bin/python -m infra.bundle --lock` (needs PyPI) and commit lambdas/requirements.lock"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lock_text(report: dict[str, Any], requirements_sha256: str) -> str:
+    """The lock file for a ``pip install --dry-run --report`` result: one pinned, hashed line per wheel."""
+    lines = [
+        "# Every package of the Lambda bundle, for " + " ".join(PIP_PLATFORM_ARGS[:6]) + ", with its wheel's hash.",
+        "# Written by `python -m infra.bundle --lock`; do not edit (change lambdas/requirements.txt and re-lock).",
+        f"# from lambdas/requirements.txt sha256:{requirements_sha256}",
+    ]
+    pins = []
+    for entry in report["install"]:
+        name, version = entry["metadata"]["name"], entry["metadata"]["version"]
+        sha256 = entry["download_info"].get("archive_info", {}).get("hashes", {}).get("sha256")
+        if not sha256:
+            raise BundleError(f"the index gave no SHA-256 for {name} {version}; cannot lock it")
+        # PEP 503's normalised name (the one rule of packaging.utils.canonicalize_name we need).
+        pins.append((re.sub(r"[-_.]+", "-", name).lower(), version, sha256))
+    lines.extend(f"{name}=={version} \\\n    --hash=sha256:{sha256}" for name, version, sha256 in sorted(pins))
+    return "\n".join(lines) + "\n"
+
+
+def resolve(requirements: Path) -> dict[str, Any]:
+    """pip's resolution of ``requirements`` for the Lambda platform, as its installation report (needs PyPI)."""
+    with TemporaryDirectory() as scratch:
+        report = Path(scratch) / "report.json"
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            *PIP_PLATFORM_ARGS,
+            "--target",
+            str(Path(scratch) / "target"),
+            "--report",
+            str(report),
+            "-r",
+            str(requirements),
+        ]
+        result = subprocess.run(command, check=False)
+        if result.returncode != 0:
+            raise BundleError(
+                f"pip could not resolve {requirements} for the Lambda platform (exit {result.returncode})"
+            )
+        resolved: dict[str, Any] = json.loads(report.read_text())
+        return resolved
+
+
+def write_lock(root: Path = REPO_ROOT, *, resolver: Callable[[Path], dict[str, Any]] = resolve) -> Path:
+    """Resolve ``lambdas/requirements.txt`` and write ``lambdas/requirements.lock``."""
+    text = lock_text(resolver(root / REQUIREMENTS), _sha256(root / REQUIREMENTS))
+    (root / LOCK).write_text(text)
+    return root / LOCK
+
+
+def check_lock(root: Path = REPO_ROOT) -> None:
+    """Raise ``BundleError`` unless the lock exists and was made from the current requirements."""
+    try:
+        text = (root / LOCK).read_text()
+    except FileNotFoundError:
+        raise BundleError(f"{LOCK} is missing: {_LOCK_HINT}") from None
+    source = _LOCK_SOURCE.search(text)
+    if source is None or source.group(1) != _sha256(root / REQUIREMENTS):
+        raise BundleError(f"{LOCK} was not made from the current {REQUIREMENTS}: {_LOCK_HINT}")
 
 
 def _source_files(root: Path) -> Iterator[Path]:
@@ -112,8 +199,8 @@ def _copy_sources(root: Path, target: Path) -> None:
         shutil.copytree(root / package, destination, ignore=ignore)
 
 
-def pip_install(requirements: Path, target: Path) -> None:
-    """Install ``requirements`` as Lambda-platform wheels into ``target`` (needs PyPI)."""
+def pip_install(lock: Path, target: Path) -> None:
+    """Install ``lock`` (every package pinned and hashed) as Lambda-platform wheels into ``target`` (needs PyPI)."""
     command = [
         sys.executable,
         "-m",
@@ -121,6 +208,9 @@ def pip_install(requirements: Path, target: Path) -> None:
         "install",
         "--quiet",
         "--disable-pip-version-check",
+        # The lock is the whole closure: pip resolves nothing more and checks each wheel's hash.
+        "--require-hashes",
+        "--no-deps",
         # The wheels are for 3.12 while this interpreter may be 3.11: byte-compiling here would only
         # add unusable __pycache__ files (and change the asset hash for nothing).
         "--no-compile",
@@ -130,7 +220,7 @@ def pip_install(requirements: Path, target: Path) -> None:
         "--target",
         str(target),
         "-r",
-        str(requirements),
+        str(lock),
     ]
     result = subprocess.run(command, check=False)
     if result.returncode != 0:
@@ -151,9 +241,12 @@ def build_bundle(
     ``stub=True`` copies only the sources (no dependencies, no network): enough for template tests,
     refused by a real synth.
     """
+    if not stub:
+        check_lock(root)
     wanted = BundleStamp(
         kind="stub" if stub else "full",
-        requirements_sha256=requirements_digest(root),
+        # A stub installs nothing, so no lock goes into it.
+        requirements_sha256="" if stub else requirements_digest(root),
         sources_sha256=sources_digest(root),
     )
     current = read_stamp(target)
@@ -177,7 +270,7 @@ def build_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if not stub:
-        install(root / REQUIREMENTS, staging)
+        install(root / LOCK, staging)
     _copy_sources(root, staging)
     _write_stamp(staging, wanted)
     shutil.rmtree(target, ignore_errors=True)
@@ -193,8 +286,10 @@ def check_bundle(target: Path, root: Path = REPO_ROOT, *, allow_stub: bool = Fal
         raise BundleError(f"no Lambda bundle at {target}: {hint}")
     if stamp.kind == "stub" and not allow_stub:
         raise BundleError(f"{target} is a source-only test bundle without dependencies: {hint}")
-    if stamp.kind == "full" and stamp.requirements_sha256 != requirements_digest(root):
-        raise BundleError(f"the Lambda bundle at {target} predates lambdas/requirements.txt: {hint}")
+    if stamp.kind == "full":
+        check_lock(root)
+        if stamp.requirements_sha256 != requirements_digest(root):
+            raise BundleError(f"the Lambda bundle at {target} predates {LOCK}: {hint}")
     if stamp.sources_sha256 != sources_digest(root):
         raise BundleError(f"the Lambda bundle at {target} predates the current sources: {hint}")
     return stamp
@@ -204,8 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.bundle", description="Assemble build/lambda.")
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="output directory")
     parser.add_argument("--stub", action="store_true", help="sources only, no dependencies (tests)")
+    parser.add_argument("--lock", action="store_true", help=f"write {LOCK} from {REQUIREMENTS} and stop")
     args = parser.parse_args(argv)
     try:
+        if args.lock:
+            sys.stderr.write(f"infra.bundle: wrote {write_lock(REPO_ROOT).relative_to(REPO_ROOT)}\n")
+            return 0
         built = build_bundle(REPO_ROOT, args.target.resolve(), stub=args.stub)
     except BundleError as exc:
         sys.stderr.write(f"infra.bundle: {exc}\n")

@@ -1,15 +1,43 @@
 """infra.bundle: rebuilds exactly when needed, and the stack refuses a missing, stale or stub bundle.
 
 A fake pip stands in for the real one (no network): it records its calls and installs a marker package.
+The lock is made from a recorded ``pip install --dry-run --report`` (tests/fixtures/pip_install_report.json).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from infra.bundle import STAMP_NAME, BundleError, build_bundle, check_bundle
+from infra.bundle import (
+    LOCK,
+    REPO_ROOT,
+    REQUIREMENTS,
+    STAMP_NAME,
+    BundleError,
+    build_bundle,
+    check_bundle,
+    check_lock,
+    lock_text,
+    write_lock,
+)
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def pip_report() -> dict[str, Any]:
+    report: dict[str, Any] = json.loads((FIXTURES / "pip_install_report.json").read_text())
+    return report
+
+
+def relock(root: Path, report: dict[str, Any] | None = None) -> None:
+    write_lock(root, resolver=lambda requirements: report or pip_report())
 
 
 class FakePip:
@@ -36,6 +64,7 @@ def repo(tmp_path: Path) -> Path:
     (root / "lambdas" / "api").mkdir(parents=True)
     (root / "lambdas" / "api" / "handler.py").write_text("def handler(event, context): ...\n")
     (root / "lambdas" / "requirements.txt").write_text("pydantic==2.14.3\n")
+    relock(root)
     return root
 
 
@@ -73,15 +102,35 @@ def test_source_change_recopies_sources_without_pip(repo: Path, tmp_path: Path) 
     check_bundle(target, repo)
 
 
-def test_requirements_change_reinstalls(repo: Path, tmp_path: Path) -> None:
+def test_installs_the_lock_not_the_loose_requirements(repo: Path, tmp_path: Path) -> None:
+    pip = FakePip()
+    build_bundle(repo, tmp_path / "lambda", install=pip)
+    [installed] = pip.calls
+    # Dependencies of dependencies are pinned too, each with its wheel's hash.
+    assert "pydantic-core==2.50.4 \\\n    --hash=sha256:c81d98e27d9d" in installed
+    assert "typing-extensions==4.16.0 \\\n    --hash=sha256:" in installed
+
+
+def test_requirements_change_without_relock_is_refused_and_relocking_reinstalls(repo: Path, tmp_path: Path) -> None:
     pip, target = FakePip(), tmp_path / "lambda"
     build_bundle(repo, target, install=pip)
     (repo / "lambdas" / "requirements.txt").write_text("pydantic==2.14.3\nhttpx==0.28.1\n")
-    with pytest.raises(BundleError, match="requirements"):
+    with pytest.raises(BundleError, match=r"not made from the current lambdas/requirements\.txt.*infra\.bundle --lock"):
         check_bundle(target, repo)
+    with pytest.raises(BundleError, match="--lock"):
+        build_bundle(repo, target, install=pip)
+    assert len(pip.calls) == 1
 
+    report = pip_report()
+    httpx = copy.deepcopy(report["install"][0])
+    httpx["metadata"] = {"name": "httpx", "version": "0.28.1"}
+    httpx["download_info"]["archive_info"]["hashes"] = {"sha256": "d909fcccc110f8c7"}
+    report["install"].append(httpx)
+    relock(repo, report)
+    with pytest.raises(BundleError, match=r"predates lambdas/requirements\.lock"):
+        check_bundle(target, repo)
     assert build_bundle(repo, target, install=pip) is True
-    assert pip.calls[-1] == "pydantic==2.14.3\nhttpx==0.28.1\n"
+    assert "httpx==0.28.1" in pip.calls[-1]
     assert "httpx" in (target / "somedep" / "__init__.py").read_text()
     check_bundle(target, repo)
 
@@ -90,6 +139,7 @@ def test_failed_install_keeps_the_previous_bundle(repo: Path, tmp_path: Path) ->
     pip, target = FakePip(), tmp_path / "lambda"
     build_bundle(repo, target, install=pip)
     (repo / "lambdas" / "requirements.txt").write_text("nonexistent==0\n")
+    relock(repo)
     pip.fail = True
     with pytest.raises(BundleError):
         build_bundle(repo, target, install=pip)
@@ -115,3 +165,44 @@ def test_stub_bundle_has_no_dependencies_and_is_refused_unless_allowed(repo: Pat
     build_bundle(repo, target, install=pip)
     assert len(pip.calls) == 1
     check_bundle(target, repo)
+
+
+# --- the lock ------------------------------------------------------------------------------------
+
+
+def test_lock_lists_every_wheel_once_sorted_by_normalised_name_with_its_hash() -> None:
+    text = lock_text(pip_report(), "ab" * 32)
+    pins = re.findall(r"^([a-z0-9-]+)==(\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", text, re.MULTILINE)
+    assert [(name, version) for name, version, _ in pins] == [
+        ("pydantic", "2.14.3"),
+        ("pydantic-core", "2.50.4"),
+        ("python-dateutil", "2.9.0.post0"),
+        ("typing-extensions", "4.16.0"),
+    ]
+    assert ("pydantic", "2.14.3", "3f7b347782ab7e4cf4c798496ae3a82787d9f21ec12676a9c564355eeef8daa8") in pins
+    assert f"# from lambdas/requirements.txt sha256:{'ab' * 32}" in text
+
+
+def test_a_wheel_without_a_hash_cannot_be_locked() -> None:
+    report = pip_report()
+    report["install"][1]["download_info"].pop("archive_info")
+    with pytest.raises(BundleError, match=r"no SHA-256 for pydantic_core 2\.50\.4"):
+        lock_text(report, "ab" * 32)
+
+
+def test_missing_lock_is_refused_saying_how_to_make_it(repo: Path, tmp_path: Path) -> None:
+    (repo / "lambdas" / "requirements.lock").unlink()
+    with pytest.raises(BundleError, match=r"requirements\.lock is missing.*infra\.bundle --lock"):
+        build_bundle(repo, tmp_path / "lambda", install=FakePip())
+    # A stub (template tests) installs nothing and needs no lock.
+    build_bundle(repo, tmp_path / "stub", stub=True, install=FakePip())
+
+
+def test_the_repository_lock_is_current_and_pins_every_requirement_as_given() -> None:
+    check_lock(REPO_ROOT)
+    lock = (REPO_ROOT / LOCK).read_text()
+    assert hashlib.sha256((REPO_ROOT / REQUIREMENTS).read_bytes()).hexdigest() in lock
+    for line in (REPO_ROOT / REQUIREMENTS).read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert f"\n{re.sub(r'[-_.]+', '-', name).lower()}=={version} \\\n    --hash=sha256:" in lock, line
