@@ -108,32 +108,40 @@ def lock_text(report: dict[str, Any], requirements_sha256: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pip_install_for_lambda(*args: str, target: Path, requirements: Path, what: str) -> None:
+    """``pip install`` of ``requirements`` into ``target`` for the Lambda platform; BundleError on failure."""
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        *args,
+        *PIP_PLATFORM_ARGS,
+        "--target",
+        str(target),
+        "-r",
+        str(requirements),
+    ]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise BundleError(f"{what} for the Lambda platform failed (pip exit {result.returncode})")
+
+
 def resolve(requirements: Path) -> dict[str, Any]:
     """pip's resolution of ``requirements`` for the Lambda platform, as its installation report (needs PyPI)."""
     with TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
+        _pip_install_for_lambda(
             "--dry-run",
             "--ignore-installed",
-            "--quiet",
-            "--disable-pip-version-check",
-            *PIP_PLATFORM_ARGS,
-            "--target",
-            str(Path(scratch) / "target"),
             "--report",
             str(report),
-            "-r",
-            str(requirements),
-        ]
-        result = subprocess.run(command, check=False)
-        if result.returncode != 0:
-            raise BundleError(
-                f"pip could not resolve {requirements} for the Lambda platform (exit {result.returncode})"
-            )
+            target=Path(scratch) / "target",
+            requirements=requirements,
+            what=f"resolving {requirements.name}",
+        )
         resolved: dict[str, Any] = json.loads(report.read_text())
         return resolved
 
@@ -201,13 +209,7 @@ def _copy_sources(root: Path, target: Path) -> None:
 
 def pip_install(lock: Path, target: Path) -> None:
     """Install ``lock`` (every package pinned and hashed) as Lambda-platform wheels into ``target`` (needs PyPI)."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
+    _pip_install_for_lambda(
         # The lock is the whole closure: pip resolves nothing more and checks each wheel's hash.
         "--require-hashes",
         "--no-deps",
@@ -216,15 +218,10 @@ def pip_install(lock: Path, target: Path) -> None:
         "--no-compile",
         # pip compares the result with the *running* environment, which is irrelevant to --target.
         "--no-warn-conflicts",
-        *PIP_PLATFORM_ARGS,
-        "--target",
-        str(target),
-        "-r",
-        str(lock),
-    ]
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise BundleError(f"pip install for the Lambda platform failed (exit {result.returncode})")
+        target=target,
+        requirements=lock,
+        what="pip install",
+    )
     # Console scripts carry this machine's interpreter path in their shebang; Lambda never runs them.
     shutil.rmtree(target / "bin", ignore_errors=True)
 
