@@ -50,8 +50,11 @@ class HeTissueClassifier:
     class_colors: tuple[RGB, ...] = ((190, 190, 190), (46, 160, 67), (214, 39, 40))
     background_class: str | None = "background"
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, *, mixed_precision: bool | None = None) -> None:
         self.device = device or torch.device("cpu")
+        # float16 matmuls under autocast: on by default on CUDA (tensor cores), off on CPU where it
+        # only costs conversions; forcing it on a CPU checks the same precision choices without a GPU.
+        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
         # Row vector convention: concentrations = OD @ hed_from_rgb (columns: H, E, DAB).
         self._hed_from_rgb = torch.as_tensor(hed_from_rgb, dtype=torch.float32, device=self.device)
 
@@ -85,13 +88,15 @@ class HeTissueClassifier:
     def _to_device(self, batch: NDArray[np.uint8]) -> torch.Tensor:
         tiles = torch.from_numpy(np.ascontiguousarray(batch))
         if self.device.type == "cuda":
-            # Pinned memory lets the copy overlap with the previous batch's kernels.
+            # From pinned memory the copy is a DMA at full PCIe speed and does not block the host;
+            # the kernels queue behind it on the same stream.
             return tiles.pin_memory().to(self.device, non_blocking=True)
         return tiles.to(self.device)
 
     def _features(self, tiles: torch.Tensor) -> torch.Tensor:
-        # Mixed precision only on CUDA; autocast keeps log and the reductions in float32.
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+        # Autocast runs the colour deconvolution's matmul in float16 and keeps log and the reductions
+        # in float32 (the same op lists on CUDA and CPU).
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.mixed_precision):
             density = -torch.log((tiles.float() + 1.0) / 256.0)  # N×H×W×3, natural-log OD
             total = density.sum(dim=-1)
             tissue = ((total > _TISSUE_OD_MIN) & (total < _TISSUE_OD_MAX)).float()

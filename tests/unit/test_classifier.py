@@ -120,6 +120,33 @@ def test_rejects_input_that_is_not_rgb_uint8_tiles(classifier: Classifier):
         classifier.predict(np.zeros((224, 224, 3), np.uint8))
 
 
+def _mixed_shares_batch() -> NDArray[np.uint8]:
+    rng = np.random.default_rng(3)
+    shares = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+    return np.stack([_he_tile(rng, share) for share in shares * 10] + list(_tiles_from_model("glass", 4)))
+
+
+def _assert_close_to_float32(got: NDArray[np.float32], expected: NDArray[np.float32]) -> None:
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=0.02)  # float16 matmul under autocast vs float32
+    top_two = np.sort(expected, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 0.05  # where float32's answer is not a near tie, the label is the same
+    assert clear.sum() >= len(expected) // 2
+    assert list(got[clear].argmax(axis=1)) == list(expected[clear].argmax(axis=1))
+
+
+def test_mixed_precision_keeps_the_answer_within_0_02_of_float32_on_cpu() -> None:
+    # The GPU path's precision choices (autocast: float16 matmul, float32 log and sums) checked where
+    # there is no GPU: CPU autocast uses the same op lists.
+    tiles = _mixed_shares_batch()
+    expected = HeTissueClassifier().predict(tiles)
+    reduced = HeTissueClassifier(mixed_precision=True)
+    got = reduced.predict(tiles)
+    assert not np.array_equal(got, expected)  # float16 did run
+    _assert_close_to_float32(got, expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_go_through_pinned_memory_with_mixed_precision_and_match_cpu(
@@ -137,18 +164,11 @@ def test_cuda_batches_go_through_pinned_memory_with_mixed_precision_and_match_cp
         return result
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
-    rng = np.random.default_rng(3)
-    shares = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
-    tiles = np.stack([_he_tile(rng, share) for share in shares * 10] + list(_tiles_from_model("glass", 4)))
+    tiles = _mixed_shares_batch()
     expected = get_classifier("he-tissue", "1.0.0", device="cpu").predict(tiles)
     got = on_gpu.predict(tiles)
     again = on_gpu.predict(tiles)  # the pinned staging memory is reused; the answer must not change
     assert pinned == [True, True]  # one pinned host batch per predict, copied without blocking
-    assert got.dtype == np.float32
-    assert got.shape == (len(tiles), 3)
-    np.testing.assert_allclose(got, expected, atol=0.02)  # float16 matmul under autocast vs float32
+    assert on_gpu.mixed_precision
+    _assert_close_to_float32(got, expected)
     np.testing.assert_allclose(got, again, atol=1e-6)
-    top_two = np.sort(expected, axis=1)[:, -2:]
-    clear = top_two[:, 1] - top_two[:, 0] > 0.05  # where CPU's answer is not a near tie, GPU's label is the same
-    assert clear.sum() >= len(tiles) // 2
-    assert list(got[clear].argmax(axis=1)) == list(expected[clear].argmax(axis=1))
