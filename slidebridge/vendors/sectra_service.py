@@ -27,7 +27,7 @@ from slidebridge.vendors.sectra import (
     message_result,
     placeholder_result,
 )
-from slidebridge.vendors.sectra_writer import CALLBACK_TOKEN, SectraResultWriter, SectraRunContext
+from slidebridge.vendors.sectra_writer import CALLBACK_TOKEN, SectraResultWriter, SectraRunContext, result_record
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class SectraService:
         key = self.idempotency_key(invocation.applicationId, invocation.slideId, invocation.cancellationToken)
         existing = self.store.find_idempotent_run(key)
         if existing is not None:
-            return self._stored_result_of(existing)
+            return self._stored_result_of(existing, invocation)
         # Checks callbackInfo.url against the allowlist before any request is made to it.
         client = self.client_factory(invocation.callbackInfo.url, invocation.callbackInfo.token.get_secret_value())
         info = client.get_slide_info(invocation.slideId)
@@ -138,7 +138,7 @@ class SectraService:
             self._report_not_started(client, context, key, stored, version.version_number)
             raise
         if run is None:
-            return self._stored_result_of(self.store.find_idempotent_run(key) or "")
+            return self._stored_result_of(self.store.find_idempotent_run(key) or "", invocation)
         return stored.model_dump(mode="json", exclude_none=True)
 
     def _start_run(self, context: SectraRunContext, key: str, token: str, stored: StoredResult) -> Run | None:
@@ -148,10 +148,7 @@ class SectraService:
             source=RunSource.SECTRA,
             organization_id=self.settings.default_organization_id,
             submitted_by=f"sectra:{context.application_id}",
-            vendor_context={
-                **context.model_dump(mode="json"),
-                "stored_result": stored.model_dump(mode="json", exclude_none=True),
-            },
+            vendor_context={**context.model_dump(mode="json"), **result_record(stored)},
         )
         item = Item(run_id=run.run_id, index=0, external_id=context.slide_id)
         aliases = [f"sectra-slide:{context.application_id}:{context.slide_id}"]
@@ -196,20 +193,27 @@ class SectraService:
             )
             run_id = self.store.find_idempotent_run(key)
             if run_id is not None:
-                self.store.update_vendor_context(
-                    run_id,
-                    {
-                        "result_id": updated.id,
-                        "version_id": updated.versionId,
-                        "stored_result": updated.model_dump(mode="json", exclude_none=True),
-                    },
-                )
+                self.store.update_vendor_context(run_id, result_record(updated))
         except Exception:
             logger.exception("could not tell Sectra that the analysis of a slide did not start")
 
-    def _stored_result_of(self, run_id: str) -> dict[str, Any]:
+    def _stored_result_of(self, run_id: str, invocation: Invocation) -> dict[str, Any]:
+        """A repeated create's answer: our result on the slide as Sectra stores it now.
+
+        From the run when it keeps the whole result; otherwise (a large final result) read back
+        from Sectra with the repeat's own callback token, or, should that fail, its ids and text.
+        """
         run = self.store.get_run(run_id)
         stored: dict[str, Any] = run.vendor_context.get("stored_result", {})
+        if run.vendor_context.get("stored_result_complete", True):
+            return stored
+        try:
+            client = self.client_factory(invocation.callbackInfo.url, invocation.callbackInfo.token.get_secret_value())
+            for candidate in client.list_results(invocation.applicationId, invocation.slideId):
+                if candidate.id == stored.get("id"):
+                    return candidate.model_dump(mode="json", exclude_none=True)
+        except Exception:
+            logger.warning("could not read run %s's result back from Sectra; answering its ids", run_id, exc_info=True)
         return stored
 
     # --- cancel / delete / modify -------------------------------------------------------------
@@ -294,9 +298,7 @@ class SectraService:
             ).encode(),
         )
         if run is not None:
-            self.store.update_vendor_context(
-                run.run_id, {"version_id": stored.versionId, "stored_result": stored.model_dump(mode="json")}
-            )
+            self.store.update_vendor_context(run.run_id, result_record(stored))
         return stored.model_dump(mode="json", exclude_none=True)
 
     # --- image notification -------------------------------------------------------------------

@@ -7,6 +7,7 @@ latest ``versionId`` is always the one sent.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,27 @@ from slidebridge.vendors.sectra import (
 logger = logging.getLogger(__name__)
 
 CALLBACK_TOKEN = "sectra_callback_token"  # noqa: S105 - the credential's name, not a secret
+
+# A DynamoDB item holds at most 400 KB, and a final result with thousands of outline vertices is
+# larger (20 000 points: about 640 KB). The run keeps Sectra's stored result whole only up to this
+# size; beyond it, what the next PUT and the viewer's text need (ids, display fields) without ``data``.
+STORED_RESULT_MAX_BYTES = 32 * 1024
+
+
+def result_record(stored: StoredResult) -> dict[str, Any]:
+    """The run's ``vendor_context`` fields for the result Sectra stored last.
+
+    ``stored_result_complete`` says whether ``stored_result`` is the whole result or its ids and
+    display fields only (then a retried create reads the whole one back from Sectra).
+    """
+    whole = stored.model_dump(mode="json", exclude_none=True)
+    complete = len(json.dumps(whole, separators=(",", ":"))) <= STORED_RESULT_MAX_BYTES
+    return {
+        "result_id": stored.id,
+        "version_id": stored.versionId,
+        "stored_result": whole if complete else {k: v for k, v in whole.items() if k not in ("data", "attachments")},
+        "stored_result_complete": complete,
+    }
 
 
 class SectraRunContext(BaseModel):
@@ -116,14 +138,7 @@ class SectraResultWriter:
             if stored_now is None:
                 raise RetryableError(f"Sectra result kept changing under us: {exc}") from exc
             stored = stored_now
-        self.store.update_vendor_context(
-            self.run_id,
-            {
-                "result_id": stored.id,
-                "version_id": stored.versionId,
-                "stored_result": stored.model_dump(mode="json", exclude_none=True),
-            },
-        )
+        self.store.update_vendor_context(self.run_id, result_record(stored))
         return stored
 
     def _already_applied(self, context: SectraRunContext, payload: ResultPayload) -> StoredResult | None:

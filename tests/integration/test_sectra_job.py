@@ -41,7 +41,16 @@ from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import ItemState, ItemTerminationReason, Run, RunState, RunTerminationReason
 from slidebridge.settings import Settings, get_settings
 from slidebridge.store import RunStore
-from slidebridge.vendors.sectra import Invocation, StoredResult
+from slidebridge.vendors.sectra import (
+    Invocation,
+    PrimitiveItem,
+    PrimitiveResult,
+    ResultData,
+    ResultPayload,
+    ResultPoint,
+    ResultPolygon,
+    StoredResult,
+)
 from slidebridge.vendors.sectra_service import SectraService
 from slidebridge.vendors.sectra_writer import SectraResultWriter
 from tests.apigw import LambdaContext
@@ -815,3 +824,55 @@ def test_run_that_cannot_be_recorded_leaves_no_queued_placeholder_and_no_job(
     assert shown["displayResult"] == "Analysis could not be started: run it again"
     assert launcher.submitted == []
     assert store.find_idempotent_run(SectraService.idempotency_key(APP, slide_id, token)) is None
+
+
+# =================================================================================================
+# 9. A final result larger than a DynamoDB item
+# =================================================================================================
+
+
+def _outlines_result(slide_id: str, points: int) -> ResultPayload:
+    """A final result with one outline of ``points`` vertices (the builder allows up to 20 000)."""
+    ring = [ResultPoint(x=0.1 + 0.3 * (i / points), y=0.1 + 0.0001 * (i % 7)) for i in range(points)]
+    return ResultPayload(
+        slideId=slide_id,
+        displayResult="Tissue 71 % · cellular 29 %",
+        displayProperties={"Tiles": "3173"},
+        applicationVersion="1.0.0",
+        data=ResultData(result=PrimitiveResult(content=[PrimitiveItem(polygons=[ResultPolygon(points=ring)])])),
+    )
+
+
+def test_final_result_larger_than_a_dynamodb_item_is_kept_and_a_repeated_create_gets_it_whole(
+    settings: Settings, store: RunStore, proxy: SectraProxy, mock: MockSectraServer
+) -> None:
+    launcher = RecordingLauncher()
+    service = SectraService(
+        settings, store, launcher, OutboundPolicy.from_settings(settings), feedback_writer=lambda o, n, d: None
+    )
+    slide_id = _add_slide(mock, None)
+    invocation = _invocation(slide_id, proxy, uuid.uuid4().hex)
+    service.create(invocation)
+    [(run_id, _)] = launcher.submitted
+    writer = SectraResultWriter(store, run_id, settings=settings, policy=OutboundPolicy.from_settings(settings))
+
+    # The job's final write: 20 000 vertices, about 640 KB of JSON (a DynamoDB item holds 400 KB).
+    final = writer.write(lambda context: _outlines_result(context.slide_id, 20_000))
+    assert final is not None
+    [shown] = _stored(mock, slide_id)
+    assert len(shown["data"]["result"]["content"][0]["polygons"][0]["points"]) == 20_000
+    run = store.get_run(run_id)
+    assert run.vendor_context["version_id"] == shown["versionId"]
+    assert run.vendor_context["stored_result_complete"] is False
+    assert "data" not in run.vendor_context["stored_result"]
+
+    # A later write (a failure note, a second final) still carries the current versionId.
+    assert writer.write(lambda context: _outlines_result(context.slide_id, 19_000)) is not None
+    assert [w.status for w in proxy.writes() if w.method == "PUT"][-1] == 200
+
+    # Sectra repeating the create gets the result as stored now, outlines and all, and nothing starts.
+    again = service.create(invocation)
+    [shown] = _stored(mock, slide_id)
+    assert again["versionId"] == shown["versionId"]
+    assert len(again["data"]["result"]["content"][0]["polygons"][0]["points"]) == 19_000
+    assert len(launcher.submitted) == 1
