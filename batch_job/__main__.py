@@ -11,6 +11,7 @@ import logging
 import sys
 
 from batch_job.pipeline import EXIT_PERMANENT, EXIT_RETRYABLE, JobContext, run_job
+from slidebridge.aws_errors import is_transient_aws_error
 from slidebridge.errors import NotFoundError, RetryableError
 from slidebridge.settings import get_settings
 
@@ -38,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PERMANENT
     except RetryableError as exc:
         logging.getLogger("batch_job").warning("transient failure outside an item: %s", exc)
+        return EXIT_RETRYABLE
+    except Exception as exc:
+        # E.g. DynamoDB throttled while the run was read or an item closed after its result went
+        # out. Exit 1 would make Batch give up and job_events report a failure over the result.
+        if not is_transient_aws_error(exc):
+            raise
+        logging.getLogger("batch_job").warning("AWS failure outside an item's analysis: %s; trying again", exc)
         return EXIT_RETRYABLE
 
 

@@ -2,8 +2,9 @@
 
 The job reads everything but the run id (and item index) from the table and re-validates it with
 the same pydantic models the API used. Errors decide the item's fate (slidebridge/errors.py):
-UserInputError → USER_ERROR; RetryableError → handed back for another attempt (exit 75), or
-SYSTEM_ERROR on the last one; anything else → SYSTEM_ERROR.
+UserInputError → USER_ERROR; RetryableError, or an AWS call still throttled or failing after
+botocore's retries → handed back for another attempt (exit 75), or SYSTEM_ERROR on the last one;
+anything else → SYSTEM_ERROR.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from batch_job.render import write_artifacts
 from batch_job.slide import open_slide, prepare_slide
 from batch_job.tiles import auto_workers
 from slidebridge.artifacts import ArtifactStore
+from slidebridge.aws_errors import is_transient_aws_error
 from slidebridge.errors import IllegalTransitionError, RetryableError, UserInputError
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import Item, ItemState, ItemTerminationReason, OutputArtifact, Run, RunSource, RunState
@@ -154,25 +156,11 @@ def process_item(ctx: JobContext, run: Run, item: Item) -> int:
         destination.on_failure(f"Analysis failed: {exc.message}")
         return _close(ctx, run, item, ItemTerminationReason.USER_ERROR, code=exc.code, message=exc.message)
     except RetryableError as exc:
-        if ctx.last_attempt:
-            logger.error("transient failure on the last attempt: %s", exc, extra=log)
-            destination.on_failure("Analysis failed: system error (a service did not answer); please try again")
-            return _close(
-                ctx,
-                run,
-                item,
-                ItemTerminationReason.SYSTEM_ERROR,
-                code="RETRIES_EXHAUSTED",
-                message=f"gave up after {ctx.attempt} attempts: {exc}",
-                exit_code=EXIT_PERMANENT,
-            )
-        logger.warning("transient failure on attempt %d: %s; handing the item back", ctx.attempt, exc, extra=log)
-        try:
-            ctx.store.transition_item(run.run_id, item.index, ItemState.PENDING)
-        except IllegalTransitionError:
-            return EXIT_DONE
-        return EXIT_RETRYABLE
+        return _hand_back(ctx, run, item, destination, exc, log=log)
     except Exception as exc:
+        if is_transient_aws_error(exc):
+            # S3 or DynamoDB throttled or unavailable beyond botocore's own retries: another attempt.
+            return _hand_back(ctx, run, item, destination, exc, log=log)
         logger.exception("item failed on our side", extra=log)
         destination.on_failure(f"Analysis failed: system error ({type(exc).__name__}); please try again")
         return _close(
@@ -187,6 +175,31 @@ def process_item(ctx: JobContext, run: Run, item: Item) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return _close(ctx, run, item, ItemTerminationReason.SUCCEEDED, outputs=outputs)
+
+
+def _hand_back(
+    ctx: JobContext, run: Run, item: Item, destination: Destination, exc: Exception, *, log: dict[str, object]
+) -> int:
+    """A transient failure: the item goes back to PENDING for the next attempt (exit 75), or ends
+    SYSTEM_ERROR when this was the last one."""
+    if ctx.last_attempt:
+        logger.error("transient failure on the last attempt: %s", exc, extra=log)
+        destination.on_failure("Analysis failed: system error (a service did not answer); please try again")
+        return _close(
+            ctx,
+            run,
+            item,
+            ItemTerminationReason.SYSTEM_ERROR,
+            code="RETRIES_EXHAUSTED",
+            message=f"gave up after {ctx.attempt} attempts: {type(exc).__name__}: {exc}",
+            exit_code=EXIT_PERMANENT,
+        )
+    logger.warning("transient failure on attempt %d: %s; handing the item back", ctx.attempt, exc, extra=log)
+    try:
+        ctx.store.transition_item(run.run_id, item.index, ItemState.PENDING)
+    except IllegalTransitionError:
+        return EXIT_DONE
+    return EXIT_RETRYABLE
 
 
 def _close(

@@ -231,7 +231,10 @@ def _tokens_revoke(args: argparse.Namespace, store: RunStore, settings: Settings
 
 def _runs_list(args: argparse.Namespace, store: RunStore, settings: Settings) -> int:
     organization = args.org or settings.default_organization_id
-    runs = [_run_summary(run) for run in islice(store.iter_runs(organization, newest_first=True), args.limit)]
+    runs = [
+        _run_summary(run)
+        for run in islice(store.iter_runs(organization, newest_first=True, first_page=args.limit), args.limit)
+    ]
     if args.json:
         _json(runs)
         return EXIT_OK

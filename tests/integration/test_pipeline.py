@@ -13,8 +13,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from batch_job.__main__ import main
+from slidebridge.artifacts import ArtifactStore
 from slidebridge.checksums import crc32c_b64_of_bytes, crc32c_b64_of_file
 from slidebridge.runs import (
     InputArtifact,
@@ -168,3 +170,95 @@ def test_cancelled_run_is_left_alone(job_env: RunStore) -> None:
     job_env.terminate_run(run.run_id, RunTerminationReason.CANCELED_BY_USER)
     assert main([run.run_id]) == 0
     assert job_env.get_item(run.run_id, 0).termination_reason is ItemTerminationReason.SKIPPED
+
+
+# --- AWS throttled or unavailable beyond botocore's own retries ------------------------------------
+
+
+def _aws_error(code: str, status: int, operation: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
+    )
+
+
+def test_s3_throttling_hands_the_item_back_and_the_next_attempt_succeeds(
+    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = slide_server
+    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
+    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
+    upload = ArtifactStore.upload
+
+    def slow_down(self: ArtifactStore, *args: object, **kwargs: object) -> object:
+        raise _aws_error("SlowDown", 503, "PutObject")
+
+    # Attempt 1: S3 keeps answering SlowDown. The item is not failed: Batch tries again (exit 75).
+    monkeypatch.setattr(ArtifactStore, "upload", slow_down)
+    assert main([run.run_id, "--attempt", "1"]) == 75
+    item = job_env.get_item(run.run_id, 0)
+    assert item.state is ItemState.PENDING
+    assert item.error_code is None
+
+    # Attempt 2: S3 is back; the analysis runs again and succeeds.
+    monkeypatch.setattr(ArtifactStore, "upload", upload)
+    assert main([run.run_id, "--attempt", "2"]) == 0
+    assert job_env.get_item(run.run_id, 0).termination_reason is ItemTerminationReason.SUCCEEDED
+
+
+def test_s3_throttling_on_the_last_attempt_ends_the_item_system_error(
+    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = slide_server
+    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
+    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
+
+    def slow_down(self: ArtifactStore, *args: object, **kwargs: object) -> object:
+        raise _aws_error("SlowDown", 503, "PutObject")
+
+    monkeypatch.setattr(ArtifactStore, "upload", slow_down)
+    assert main([run.run_id, "--attempt", "3"]) == 3
+    item = job_env.get_item(run.run_id, 0)
+    assert item.termination_reason is ItemTerminationReason.SYSTEM_ERROR
+    assert item.error_code == "RETRIES_EXHAUSTED"
+    assert item.error_message is not None and "SlowDown" in item.error_message
+
+
+def test_dynamodb_throttled_when_the_finished_item_is_closed_is_retried_not_failed(
+    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The result is out (artifacts stored, vendor told); only the item's closing write is throttled.
+    # Exit 1 would make Batch give up and job_events write "Analysis failed" over the delivered result.
+    base, root = slide_server
+    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
+    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
+    transition_item = RunStore.transition_item
+
+    def throttled_close(self: RunStore, run_id: str, index: int, state: ItemState, **kwargs: object) -> object:
+        if state is ItemState.TERMINATED:
+            raise _aws_error("ProvisionedThroughputExceededException", 400, "UpdateItem")
+        return transition_item(self, run_id, index, state, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RunStore, "transition_item", throttled_close)
+    assert main([run.run_id, "--attempt", "1"]) == 75
+    assert job_env.get_item(run.run_id, 0).state is ItemState.PROCESSING
+
+    monkeypatch.setattr(RunStore, "transition_item", transition_item)
+    assert main([run.run_id, "--attempt", "2"]) == 0
+    assert job_env.get_item(run.run_id, 0).termination_reason is ItemTerminationReason.SUCCEEDED
+
+
+def test_an_aws_error_that_is_not_transient_still_fails_the_item(
+    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = slide_server
+    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
+    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
+
+    def denied(self: ArtifactStore, *args: object, **kwargs: object) -> object:
+        raise _aws_error("AccessDenied", 403, "PutObject")
+
+    monkeypatch.setattr(ArtifactStore, "upload", denied)
+    assert main([run.run_id, "--attempt", "1"]) == 3
+    item = job_env.get_item(run.run_id, 0)
+    assert item.termination_reason is ItemTerminationReason.SYSTEM_ERROR
+    assert item.error_code == "INTERNAL_ERROR"
