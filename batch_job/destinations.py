@@ -109,7 +109,7 @@ class SectraDestination:
         self.run = run
         self.settings = settings
         self.writer = SectraResultWriter(
-            store, run.run_id, settings=settings, policy=policy, client_factory=client_factory
+            store, run.run_id, settings=settings, policy=policy, client_factory=client_factory, while_open=True
         )
         self.context = self.writer.context()
         self.steps = sorted(int(s) for s in settings.allowlist(settings.sectra_progress_steps))

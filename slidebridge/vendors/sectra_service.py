@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from slidebridge.applications import get_application
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Shown in place of the placeholder when the run could not be recorded or its job not submitted.
 NOT_STARTED_TEXT = "Analysis could not be started: run it again"
+CANCELLED_TEXT = "Analysis cancelled"
 
 ClientFactory = Callable[[str, str], SectraClient]
 
@@ -250,14 +252,30 @@ class SectraService:
         return True
 
     def cancel(self, invocation: Invocation) -> list[Any]:
-        """Terminate the job, pending items SKIPPED, the result says "Analysis cancelled"; answers []."""
+        """Terminate the job, pending items SKIPPED, the result says "Analysis cancelled"; answers [].
+
+        A repeated cancel (Sectra retrying one whose message could not be written) writes the
+        message if it is still missing; a run that had finished or failed is left as it is.
+        """
         run = self._find_run(invocation)
         if run is None:
             return []
-        # The cancel carries a fresh callback token: the message below is written with it.
-        self.store.put_credential(run.run_id, CALLBACK_TOKEN, invocation.callbackInfo.token.get_secret_value())
-        if self._stop(run, "cancelled in Sectra"):
-            self._writer(run.run_id).write_message("Analysis cancelled")
+        stopped = self._stop(run, "cancelled in Sectra")
+        run = self.store.get_run(run.run_id)
+        shown = run.vendor_context.get("stored_result", {}).get("displayResult")
+        if not stopped and (
+            run.termination_reason is not RunTerminationReason.CANCELED_BY_USER or shown == CANCELLED_TEXT
+        ):
+            return []
+        # The cancel carries a fresh callback token: the message is written with it, and it expires
+        # like every credential of an ended run.
+        self.store.put_credential(
+            run.run_id,
+            CALLBACK_TOKEN,
+            invocation.callbackInfo.token.get_secret_value(),
+            expires_at=utcnow() + timedelta(seconds=self.settings.credential_ttl_after_run_s),
+        )
+        self._writer(run.run_id).write_message(CANCELLED_TEXT)
         return []
 
     def _writer(self, run_id: str) -> SectraResultWriter:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from slidebridge.errors import NotFoundError, RetryableError
 from slidebridge.outbound import OutboundPolicy
+from slidebridge.runs import RunState
 from slidebridge.settings import Settings
 from slidebridge.store import RunStore
 from slidebridge.vendors.sectra import (
@@ -84,9 +85,14 @@ class SectraResultWriter:
         settings: Settings,
         policy: OutboundPolicy,
         client_factory: Callable[[str, str], SectraClient] | None = None,
+        while_open: bool = False,
     ) -> None:
+        """``while_open``: write only while the run is open (the job's writes). Once a cancel, the
+        deadline or job_events has ended the run, its message stands; a late progress step or result
+        from a job that has not stopped yet must not replace it."""
         self.store = store
         self.run_id = run_id
+        self.while_open = while_open
         self.settings = settings
         self.policy = policy
         self._client_factory = client_factory
@@ -120,6 +126,9 @@ class SectraResultWriter:
         context = SectraRunContext.model_validate(run.vendor_context)
         if context.result_deleted:
             logger.info("sectra result of run %s was deleted; not writing", self.run_id)
+            return None
+        if self.while_open and run.state is RunState.TERMINATED:
+            logger.info("run %s has ended (%s); not writing over its result", self.run_id, run.termination_reason)
             return None
         current = (
             StoredResult.model_validate(run.vendor_context["stored_result"])

@@ -37,10 +37,11 @@ from batch_job.classifiers import get_classifier
 from batch_job.destinations import SectraDestination
 from lambdas.api import deps
 from lambdas.job_events.handler import handler as job_events_handler
+from slidebridge.errors import SectraUnavailableError
 from slidebridge.outbound import OutboundPolicy
-from slidebridge.runs import ItemState, ItemTerminationReason, Run, RunState, RunTerminationReason
+from slidebridge.runs import ItemState, ItemTerminationReason, Run, RunState, RunTerminationReason, utcnow
 from slidebridge.settings import Settings, get_settings
-from slidebridge.store import RunStore
+from slidebridge.store import TTL_ATTRIBUTE, RunStore
 from slidebridge.vendors.sectra import (
     Invocation,
     PrimitiveItem,
@@ -52,7 +53,7 @@ from slidebridge.vendors.sectra import (
     StoredResult,
 )
 from slidebridge.vendors.sectra_service import SectraService
-from slidebridge.vendors.sectra_writer import SectraResultWriter
+from slidebridge.vendors.sectra_writer import CALLBACK_TOKEN, SectraResultWriter
 from tests.apigw import LambdaContext
 
 APP = "he-tissue"
@@ -876,3 +877,114 @@ def test_final_result_larger_than_a_dynamodb_item_is_kept_and_a_repeated_create_
     assert again["versionId"] == shown["versionId"]
     assert len(again["data"]["result"]["content"][0]["polygons"][0]["points"]) == 19_000
     assert len(launcher.submitted) == 1
+
+
+# =================================================================================================
+# 10. Cancel
+# =================================================================================================
+
+
+def _cancel_invocation(slide_id: str, proxy: SectraProxy, cancellation_token: str, token: str = TOKEN) -> Invocation:
+    return Invocation.model_validate(
+        {
+            "action": "cancel",
+            "applicationId": APP,
+            "slideId": slide_id,
+            "callbackInfo": {"url": proxy.url, "token": token},
+            "cancellationToken": cancellation_token,
+        }
+    )
+
+
+def _token_expiry(store: RunStore, run_id: str) -> int | None:
+    record = store.client.get_item(
+        TableName=store.table_name, Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"CRED#{CALLBACK_TOKEN}"}}
+    ).get("Item")
+    assert record is not None
+    expires = record.get(TTL_ATTRIBUTE)
+    return int(expires["N"]) if expires else None
+
+
+def test_a_job_still_running_after_a_cancel_does_not_write_over_analysis_cancelled(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    store: RunStore,
+    settings: Settings,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+) -> None:
+    # Given a job that started before the pathologist cancelled (Batch stops it only seconds later)
+    slide_id = _add_slide(mock, None)
+    cancellation_token = uuid.uuid4().hex
+    service.create(_invocation(slide_id, proxy, cancellation_token))
+    [(run_id, _)] = launcher.submitted
+    destination = SectraDestination(store.get_run(run_id), store, settings, OutboundPolicy.from_settings(settings))
+    service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token))
+    assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis cancelled"]
+    writes = len(proxy.writes())
+
+    # When the job reaches a progress step, or fails as it is killed
+    destination.on_progress(1, 1)
+    destination.on_failure("Analysis failed: system error (SIGTERM); please try again")
+
+    # Then the viewer keeps saying what the pathologist did
+    assert len(proxy.writes()) == writes
+    assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis cancelled"]
+
+
+def test_a_cancel_whose_message_failed_writes_it_when_sectra_repeats_it_and_only_then(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    store: RunStore,
+    settings: Settings,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+) -> None:
+    slide_id = _add_slide(mock, None)
+    cancellation_token = uuid.uuid4().hex
+    service.create(_invocation(slide_id, proxy, cancellation_token))
+    [(run_id, _)] = launcher.submitted
+
+    # Sectra is briefly unavailable: the run is cancelled, but the message cannot be written.
+    proxy.faults.append(Fault("PUT", count=2))
+    with pytest.raises(SectraUnavailableError):
+        service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token))
+    assert store.get_run(run_id).termination_reason is RunTerminationReason.CANCELED_BY_USER
+    assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis queued"]
+
+    # Sectra repeats the cancel (with a fresh token): the message is written now.
+    assert service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token, token=TOKEN)) == []
+    assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis cancelled"]
+    # The fresh token expires like every credential of an ended run.
+    expiry = _token_expiry(store, run_id)
+    assert expiry is not None
+    assert expiry <= int(utcnow().timestamp()) + settings.credential_ttl_after_run_s
+
+    # A third repeat finds the message in place and writes nothing.
+    writes = len(proxy.writes())
+    assert service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token)) == []
+    assert len(proxy.writes()) == writes
+    assert launcher.cancelled == [("job-1", "cancelled in Sectra")]
+
+
+def test_cancelling_a_finished_run_changes_nothing_and_keeps_no_new_token(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    store: RunStore,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+) -> None:
+    slide_id = _add_slide(mock, None)
+    cancellation_token = uuid.uuid4().hex
+    service.create(_invocation(slide_id, proxy, cancellation_token))
+    [(run_id, _)] = launcher.submitted
+    store.transition_item(run_id, 0, ItemState.PROCESSING)
+    store.transition_item(run_id, 0, ItemState.TERMINATED, reason=ItemTerminationReason.SUCCEEDED)
+    writes = len(proxy.writes())
+
+    assert service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token, token="a-newer-token")) == []
+
+    assert len(proxy.writes()) == writes
+    assert store.get_run(run_id).termination_reason is RunTerminationReason.ALL_ITEMS_PROCESSED
+    assert store.get_credential(run_id, CALLBACK_TOKEN) == TOKEN  # the newer bearer token was not stored
+    assert launcher.cancelled == []
