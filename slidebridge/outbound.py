@@ -122,11 +122,19 @@ _ALWAYS_REFUSED_NETWORKS = tuple(
 )
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address: NAT64 (RFC 6052 well-known prefix, and the
+# /96 form of RFC 8215's local-use prefix), SIIT's IPv4-translated form (RFC 2765) and the deprecated
+# IPv4-compatible form (RFC 4291; "::" and "::1" excepted, they are IPv6's own).
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")
+)
+
+
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address tunnels to (mapped, NAT64, 6to4, Teredo), if any."""
+    """The IPv4 address an IPv6 address tunnels to (mapped, translated, NAT64, 6to4, Teredo), if any."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip in ipaddress.ip_network("64:ff9b::/96"):
+    if int(ip) > 1 and any(ip in net for net in _IPV4_IN_LAST_32_BITS):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.sixtofour is not None:
         return ip.sixtofour

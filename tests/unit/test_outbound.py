@@ -137,6 +137,9 @@ def test_refusals_name_the_rule(url: str, rule: str) -> None:
         "[fe80::1]",
         "[::ffff:169.254.169.254]",
         "[64:ff9b::a9fe:a9fe]",  # NAT64 form of 169.254.169.254
+        "[64:ff9b:1::a9fe:a9fe]",  # the same behind a local-use NAT64 prefix (RFC 8215)
+        "[::ffff:0:a9fe:a9fe]",  # IPv4-translated (SIIT)
+        "[::a9fe:a9fe]",  # IPv4-compatible (deprecated, still parsed)
         "0.0.0.0",
     ],
 )
