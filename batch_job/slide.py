@@ -238,6 +238,10 @@ def slide_mpp(slide: openslide.OpenSlide) -> tuple[float, float]:
 
 # --- low-resolution images -----------------------------------------------------------------------
 
+# How much coarser than needed a level may be and still be read from (a tile is then up to 1 % off
+# its nominal µm/px, as the rounding of tile sides already allows).
+LEVEL_DOWNSAMPLE_TOLERANCE = 0.01
+
 
 def rgba_to_rgb(image: Image.Image) -> NDArray[np.uint8]:
     """RGB array of an OpenSlide RGBA region, composited on white.
@@ -270,9 +274,10 @@ def read_downsampled(slide: openslide.OpenSlide, downsample: float) -> NDArray[n
     """
     width, height = slide.dimensions
     out_w, out_h = max(1, math.ceil(width / downsample)), max(1, math.ceil(height / downsample))
-    level = slide.get_best_level_for_downsample(downsample)
+    # The tolerance as in tile_geometry: a "×16" level of 16.003 still serves a ×16 read.
+    level = slide.get_best_level_for_downsample(downsample * (1 + LEVEL_DOWNSAMPLE_TOLERANCE))
     level_downsample = slide.level_downsamples[level]
-    scale = downsample / level_downsample  # level px per output px (≥ 1 for a sensible level)
+    scale = downsample / level_downsample  # level px per output px (≥ 0.99 for a sensible level)
     read_w = max(1, round(out_w * scale))
     threads = _strip_threads()
     rows_per_strip = max(1, int(_STRIP_PIXELS / read_w / max(scale, 1.0)))
@@ -457,8 +462,8 @@ def tile_geometry(slide: openslide.OpenSlide, *, tile_px: int, target_mpp: float
 
     A tile spans ``round(tile_px · target_mpp / mpp)`` level-0 px per axis (rounded so the grid tiles
     the slide exactly; the classifier's resolution is then off by well under 1 % for any real tile).
-    It is read from the level OpenSlide picks for that downsample (the coarsest level that is still
-    at least as fine as needed), as the matching number of that level's pixels.
+    It is read from the coarsest level that is at least as fine as needed, give or take
+    ``LEVEL_DOWNSAMPLE_TOLERANCE``, as the matching number of that level's pixels.
     """
     if tile_px <= 0 or target_mpp <= 0:
         raise ValueError("tile_px and target_mpp must be positive")
@@ -466,7 +471,10 @@ def tile_geometry(slide: openslide.OpenSlide, *, tile_px: int, target_mpp: float
     tile_w = max(1, round(tile_px * target_mpp / mpp_x))
     tile_h = max(1, round(tile_px * target_mpp / mpp_y))
     downsample = min(tile_w, tile_h) / tile_px  # level-0 px per classifier px, finer axis
-    level = slide.get_best_level_for_downsample(downsample)
+    # A level-0 side that is not a multiple of 4 gives "×4" levels a downsample such as 4.0003
+    # (46001 / 11500); without the tolerance OpenSlide's pick falls to the level below, and every
+    # tile would be decoded from 16 times the pixels.
+    level = slide.get_best_level_for_downsample(downsample * (1 + LEVEL_DOWNSAMPLE_TOLERANCE))
     level_downsample = slide.level_downsamples[level]
     return TileGeometry(
         tile_width=tile_w,

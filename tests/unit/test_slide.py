@@ -252,13 +252,17 @@ def test_tile_grid_at_classifier_resolution_reads_level_0_when_no_level_fits(
 
 
 def _aperio_pyramid(path: Path, side: int, levels: int, mpp: float) -> Path:
-    """A plain grey Aperio-style TIFF with levels ×1, ×4, ×16, ... (content irrelevant, fast to write)."""
+    """A plain grey Aperio-style TIFF with levels ×1, ×4, ×16, ... (content irrelevant, fast to write).
+
+    Level sides are ``side // 4**level``, as scanners round them: with ``side`` not a multiple of 4 the
+    levels' downsamples come out a little above 4, 16, ...
+    """
     tile = np.full((256, 256, 3), 200, np.uint8)
     with tifffile.TiffWriter(path) as tif:
         for level in range(levels):
             size = side // 4**level
             tif.write(
-                (tile for _ in range(max(1, size // 256) ** 2)),
+                (tile for _ in range(max(1, -(-size // 256)) ** 2)),
                 shape=(size, size, 3),
                 dtype=np.uint8,
                 tile=(256, 256),
@@ -291,3 +295,15 @@ def test_tile_geometry_picks_the_level_for_the_downsample(
         geometry = tile_geometry(slide, tile_px=tile_px, target_mpp=target_mpp)
     assert (geometry.tile_width, geometry.level, geometry.read_width) == expected
     assert (geometry.tile_height, geometry.read_height) == (expected[0], expected[2])
+
+
+def test_levels_a_hair_coarser_than_a_power_of_4_are_still_used(tmp_path: Path):
+    # 4099 px: level 1 is 1024 px, a downsample of 4.003 rather than 4. Reading level 0 instead would
+    # decode 16 times the pixels for every tile.
+    path = _aperio_pyramid(tmp_path / "odd.svs", 4099, 3, 0.25)
+    with open_slide(path) as slide:
+        assert slide.level_downsamples[1] == pytest.approx(4.0029, abs=1e-4)
+        geometry = tile_geometry(slide, tile_px=224, target_mpp=1.0)
+        assert (geometry.tile_width, geometry.level, geometry.read_width) == (896, 1, 224)
+        # A level clearly too coarse is still passed over: ×12 needed, level 2 is ×16.
+        assert tile_geometry(slide, tile_px=224, target_mpp=3.0).level == 1
