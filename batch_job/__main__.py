@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 from batch_job.pipeline import EXIT_PERMANENT, EXIT_RETRYABLE, JobContext, run_job
 from slidebridge.aws_errors import is_transient_aws_error
 from slidebridge.errors import NotFoundError, RetryableError
 from slidebridge.settings import get_settings
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Batch's TerminateJob (a cancel, the job timeout) and the local launcher stop the job with
+    # SIGTERM, then SIGKILL. Python's default for SIGTERM is to die on the spot; as an exception the
+    # stack unwinds instead, so the item's `finally` removes its scratch copy of the slide (GBs on the
+    # instance's disk) and the tile workers and their shared memory are shut down.
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s run=" + args.run_id + " %(message)s",
         stream=sys.stderr,
     )
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     index = args.item if args.item is not None else settings.batch_array_index
     ctx = JobContext.from_settings(settings, attempt=args.attempt)
     try:

@@ -72,6 +72,8 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory, techcyte_fake: FakeTec
     """One local stack for the session (port 0: a free port), stopped with SIGTERM at the end."""
     log = tmp_path_factory.mktemp("stack") / "local-stack.log"
     env = {**e2e_environment(), **techcyte_stack_environment(techcyte_fake)}
+    # Known to the tests, which check that a stopped job leaves nothing behind there.
+    env["SLIDEBRIDGE_SCRATCH_DIR"] = str(tmp_path_factory.mktemp("scratch"))
     stack = StackProcess(log, env=env, python=PYTHON)
     stack.start()
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,6 +64,13 @@ def stalled_download_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/patient-0815/slide.tiff?{SECRET_QUERY}"
     finally:
         server.close()  # resets the job's connection: it fails fast and finds its run cancelled
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def api(base_url: str, token: str) -> httpx.Client:
@@ -150,3 +159,39 @@ def test_cli_naming_a_missing_table_fails_with_exit_1(local_stack: StackProcess,
     assert result.returncode == 1
     assert "no-such-table" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_job_stopped_by_a_cancel_removes_its_scratch_copy_of_the_slide(
+    local_stack: StackProcess, api_token: str, stalled_download_url: str
+) -> None:
+    # Given a run whose job is inside the download, its scratch folder open
+    with api(local_stack.url, api_token) as client:
+        submitted = client.post(
+            "/api/v1/runs",
+            json={
+                "application_id": "he-tissue",
+                "version_number": "1.0.0",
+                "items": [
+                    {
+                        "external_id": "scratch-e2e-slide",
+                        "input_artifacts": [
+                            {
+                                "name": "whole_slide_image",
+                                "download_url": stalled_download_url,
+                                "metadata": {"checksum_base64_crc32c": "AAAAAA=="},
+                            }
+                        ],
+                    }
+                ],
+            },
+        )
+        assert submitted.status_code == 201, submitted.text
+        run_id = submitted.json()["run_id"]
+        workdir = Path(local_stack.env["SLIDEBRIDGE_SCRATCH_DIR"]) / run_id / "0"
+        _wait_for(workdir.exists, "the job to start downloading")
+
+        # When the run is cancelled (the stack's launcher stops the job with SIGTERM, as Batch does)
+        assert client.post(f"/api/v1/runs/{run_id}/cancel").status_code == 202
+
+    # Then the job unwinds and removes what it had written (a slide can be GBs of scratch disk)
+    _wait_for(lambda: not workdir.exists(), "the stopped job to remove its scratch folder")
