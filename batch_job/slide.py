@@ -198,7 +198,35 @@ def prepare_slide(paths: list[Path], workdir: Path, *, max_archive_bytes: int = 
         else:
             count += _extract_dicom_zip(path, folder, count, max_archive_bytes - _folder_bytes(folder))
     logger.info("prepared a DICOM series of %d file(s)", count)
-    return folder / "00000.dcm"
+    return _whole_slide_file(folder)
+
+
+def _whole_slide_file(folder: Path) -> Path:
+    """The first file of ``folder`` that is a VL Whole Slide Microscopy image.
+
+    OpenSlide recognises a DICOM slide only through such a file (and then gathers its series from
+    the folder); an export may put a DICOMDIR, a structured report or a secondary capture first.
+    pydicom reads only each file's 132-byte preamble and File Meta group, not the pixel data.
+    """
+    # Imported here: pydicom takes a quarter of a second to import, and the tile workers, which
+    # import this module, never need it.
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+    from pydicom.filereader import read_file_meta_info  # noqa: PLC0415
+    from pydicom.uid import VLWholeSlideMicroscopyImageStorage  # noqa: PLC0415
+
+    others: list[str] = []
+    for path in sorted(folder.iterdir()):
+        try:
+            sop_class = read_file_meta_info(path).get("MediaStorageSOPClassUID")
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            sop_class = None
+        if sop_class == VLWholeSlideMicroscopyImageStorage:
+            return path
+        others.append(getattr(sop_class, "name", None) or str(sop_class or "no SOP class"))
+    kinds = ", ".join(sorted(set(others))[:3])
+    raise UnsupportedFormatError(
+        f"unsupported format: DICOM files, but none is a whole-slide microscopy image (found: {kinds})"
+    )
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import pydicom
 import pytest
 import tifffile
 from PIL import Image
@@ -307,3 +308,31 @@ def test_levels_a_hair_coarser_than_a_power_of_4_are_still_used(tmp_path: Path):
         assert (geometry.tile_width, geometry.level, geometry.read_width) == (896, 1, 224)
         # A level clearly too coarse is still passed over: ×12 needed, level 2 is ×16.
         assert tile_geometry(slide, tile_px=224, target_mpp=3.0).level == 1
+
+
+def _secondary_capture(path: Path) -> Path:
+    """A DICOM file that is not a slide (an export's screenshot or report often comes first)."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dataset = pydicom.dataset.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_dicom_export_whose_first_file_is_not_the_slide_still_opens(small_dicom_slide: list[Path], tmp_path: Path):
+    capture = _secondary_capture(tmp_path / "capture.dcm")
+    path = prepare_slide([capture, *small_dicom_slide], tmp_path / "work")
+    assert path.name != "00000.dcm"  # the capture took that name
+    with open_slide(path) as slide:
+        assert slide.level_dimensions == ((2048, 1536), (512, 384))
+
+
+def test_dicom_files_without_a_slide_are_refused_saying_what_they_are(tmp_path: Path):
+    capture = _secondary_capture(tmp_path / "capture.dcm")
+    with pytest.raises(UnsupportedFormatError, match=r"none is a whole-slide microscopy image.*Secondary Capture"):
+        prepare_slide([capture], tmp_path / "work")
