@@ -42,11 +42,16 @@ def retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def backoff_sleep(backoff_s: float, attempt: int, response: httpx.Response | None = None) -> None:
-    """Exponential backoff with jitter, stretched to the peer's ``Retry-After`` (capped)."""
+def backoff_sleep(
+    backoff_s: float, attempt: int, response: httpx.Response | None = None, *, max_delay_s: float | None = None
+) -> None:
+    """Exponential backoff with jitter, stretched to the peer's ``Retry-After`` (capped, and at most
+    ``max_delay_s``: the time a caller with a deadline has left)."""
     delay = backoff_s * (2**attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
     if response is not None and (retry_after := response.headers.get("retry-after", "")).isdigit():
         delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER_S))
+    if max_delay_s is not None:
+        delay = min(delay, max_delay_s)
     if delay > 0:
         time.sleep(delay)
 

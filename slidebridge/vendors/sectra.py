@@ -34,6 +34,7 @@ import math
 import mimetypes
 import re
 import ssl
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ MAX_RESULT_POINTS = 20_000
 # At most this many class-name labels per class (on its largest polygons), so that a slide with
 # hundreds of small regions does not drown in text.
 MAX_LABELS_PER_CLASS = 20
+# A client with a deadline does not start an attempt with less time than this left.
+_MIN_ATTEMPT_S = 0.5
 # Normalised coordinates are rounded to 6 decimals: at W = 200 000 px that is 0.2 level-0 px, and it
 # keeps the JSON a third shorter than full float repr.
 _DECIMALS = 6
@@ -1059,10 +1062,15 @@ class SectraClient:
         ca_bundle: Path | None = None,
         retries: int = 3,
         backoff_s: float = 0.5,
+        deadline_s: float | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``deadline_s``: how long all calls of this client may take together, retries and backoff
+        included (a webhook must answer within API Gateway's 29 s); None for no limit (the job)."""
         if retries < 0 or backoff_s < 0 or timeout_s <= 0:
             raise ValueError("retries and backoff_s must be >= 0 and timeout_s > 0")
+        self.timeout_s = timeout_s
+        self._deadline = None if deadline_s is None else time.monotonic() + deadline_s
         base = callback_url.strip().rstrip("/")
         # Raises UrlNotAllowedError (a UserInputError: the URL came from the request body).
         self.base_url = policy.check(base, Purpose.SECTRA_CALLBACK)
@@ -1142,6 +1150,19 @@ class SectraClient:
             raise SectraUnavailableError(f"{where}: {status}", status=status, path=path)
         raise SectraError(f"{where}: {status}", status=status, path=path)
 
+    def _attempt_timeout(self, method: str, path: str) -> float:
+        """The timeout of the next attempt: ``timeout_s``, or what is left of the deadline."""
+        if self._deadline is None:
+            return self.timeout_s
+        left = self._deadline - time.monotonic()
+        if left < _MIN_ATTEMPT_S:
+            raise SectraUnavailableError(f"Sectra {method} {path}: no time left to try (deadline reached)", path=path)
+        return min(self.timeout_s, left)
+
+    def _backoff(self, attempt: int, response: httpx.Response | None = None) -> None:
+        left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic() - _MIN_ATTEMPT_S)
+        backoff_sleep(self.backoff_s, attempt, response, max_delay_s=left)
+
     def _request(
         self,
         method: str,
@@ -1155,7 +1176,9 @@ class SectraClient:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                response = self._http.request(method, self._url(path), json=json, params=params)
+                response = self._http.request(
+                    method, self._url(path), json=json, params=params, timeout=self._attempt_timeout(method, path)
+                )
             except httpx.TransportError as exc:
                 logger.warning(
                     "Sectra %s %s: %s (attempt %d/%d)", method, path, type(exc).__name__, attempt + 1, attempts
@@ -1164,13 +1187,13 @@ class SectraClient:
                     raise SectraUnavailableError(
                         f"Sectra {method} {path}: {type(exc).__name__} after {attempts} attempts", path=path
                     ) from exc
-                backoff_sleep(self.backoff_s, attempt)
+                self._backoff(attempt)
                 continue
             if retryable_status(response.status_code) and not last:
                 logger.warning(
                     "Sectra %s %s: %d (attempt %d/%d)", method, path, response.status_code, attempt + 1, attempts
                 )
-                backoff_sleep(self.backoff_s, attempt, response)
+                self._backoff(attempt, response)
                 continue
             if retryable_status(response.status_code):
                 raise SectraUnavailableError(
@@ -1256,7 +1279,7 @@ class SectraClient:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                response = self._http.post(self._url(path), json=body)
+                response = self._http.post(self._url(path), json=body, timeout=self._attempt_timeout("POST", path))
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 # Never reached the server: safe to send again.
                 outcome: str | httpx.Response | _Ambiguous = type(exc).__name__
@@ -1283,7 +1306,7 @@ class SectraClient:
                     return adopted
             if last:
                 raise SectraUnavailableError(f"Sectra POST {path}: {reason} after {attempts} attempts", path=path)
-            backoff_sleep(self.backoff_s, attempt, outcome if isinstance(outcome, httpx.Response) else None)
+            self._backoff(attempt, outcome if isinstance(outcome, httpx.Response) else None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _find_created(

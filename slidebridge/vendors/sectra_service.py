@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # Shown in place of the placeholder when the run could not be recorded or its job not submitted.
 NOT_STARTED_TEXT = "Analysis could not be started: run it again"
 CANCELLED_TEXT = "Analysis cancelled"
+# Seconds all Sectra calls of one webhook request may take together (API Gateway gives up at 29 s).
+WEBHOOK_SECTRA_BUDGET_S = 20.0
 
 ClientFactory = Callable[[str, str], SectraClient]
 
@@ -62,11 +64,13 @@ class SectraService:
             callback_url,
             token,
             policy=self.policy,
-            # The webhook must answer quickly (API Gateway allows 29 s): short timeouts here.
+            # The webhook must answer within API Gateway's 29 s: a create makes three Sectra calls or
+            # more (slide info, list, POST/PUT, a re-list on a stale versionId), each retried once;
+            # all of them together get WEBHOOK_SECTRA_BUDGET_S, the rest is ours (DynamoDB, Batch).
             timeout_s=min(self.settings.http_timeout_s, 8.0),
             ca_bundle=self.settings.ca_bundle,
-            # One retry: up to three Sectra calls must fit in API Gateway's 29 s.
             retries=1,
+            deadline_s=WEBHOOK_SECTRA_BUDGET_S,
         )
 
     # --- registration -------------------------------------------------------------------------

@@ -155,6 +155,28 @@ def test_503_twice_then_200_is_retried(policy: OutboundPolicy) -> None:
     assert len(recorder.requests) == 3
 
 
+def test_a_client_with_a_deadline_stops_retrying_when_its_time_is_up(policy: OutboundPolicy) -> None:
+    # Sectra overloaded, asking for 30 s of patience on every answer: within a webhook (deadline 1 s
+    # here, 20 s in production) the client gives up in time for API Gateway's 29 s, instead of
+    # sleeping through four Retry-Afters.
+    recorder = Recorder(lambda request: httpx.Response(503, headers={"Retry-After": "30"}))
+    with (
+        client_for(recorder, policy, retries=4, timeout_s=8.0, deadline_s=1.0) as client,
+        pytest.raises(SectraUnavailableError, match="deadline reached"),
+    ):
+        client.get_slide_info(SLIDE)
+    assert len(recorder.requests) == 1
+    # Each attempt's timeout is what is left of the deadline, not the full 8 s.
+    assert recorder.requests[0].extensions["timeout"]["read"] <= 1.0
+
+
+def test_without_a_deadline_each_attempt_gets_the_full_timeout(policy: OutboundPolicy) -> None:
+    recorder = Recorder(lambda request: httpx.Response(200, json=[stored(1, "v1")]))
+    with client_for(recorder, policy, timeout_s=8.0) as client:
+        client.list_results(APP, SLIDE)
+    assert recorder.requests[0].extensions["timeout"]["read"] == 8.0
+
+
 def test_persistent_failure_becomes_retryable_error(policy: OutboundPolicy) -> None:
     recorder = Recorder(lambda request: httpx.Response(502, text=f"patient Jane Doe {TOKEN}"))
     with client_for(recorder, policy, retries=2) as client, pytest.raises(SectraUnavailableError) as info:
