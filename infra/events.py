@@ -121,7 +121,8 @@ class JobEvents(Construct):
 
 
 class DeadlineSweep(Construct):
-    """The ``scheduler`` function on a schedule: runs past their deadline are cancelled by the system.
+    """The ``scheduler`` function on a schedule: runs past their deadline are cancelled by the system,
+    and runs that never got a job (their creating request was cut short) are closed.
 
     A cancel stops the run's job (TerminateJob) and, for a Techcyte run, posts its results (stored
     per-scan results from the artifacts prefix, the Techcyte credentials, Techcyte's API through the VPC).
@@ -147,7 +148,7 @@ class DeadlineSweep(Construct):
             config=config,
             code=code,
             handler=SCHEDULER_HANDLER,
-            description="slidebridge scheduler: cancels runs past their deadline",
+            description="slidebridge scheduler: cancels runs past their deadline, closes runs that never got a job",
             timeout=cdk.Duration.minutes(2),
             memory_size=512,
             storage=storage,

@@ -357,7 +357,7 @@ class _DeadlineSweeper:
 
     def _loop(self) -> None:
         from slidebridge.launcher import launcher_from_settings  # noqa: PLC0415 - after the environment is set
-        from slidebridge.scheduling import cancel_overdue_runs  # noqa: PLC0415
+        from slidebridge.scheduling import cancel_overdue_runs, close_unlaunched_runs  # noqa: PLC0415
         from slidebridge.settings import get_settings  # noqa: PLC0415
         from slidebridge.store import RunStore  # noqa: PLC0415
 
@@ -367,6 +367,7 @@ class _DeadlineSweeper:
         while not self._stop.wait(self._interval_s):
             try:
                 cancel_overdue_runs(store, launcher, settings=settings)
+                close_unlaunched_runs(store, settings)
             except Exception:
                 logger.exception("deadline sweep failed; trying again in %.0f s", self._interval_s)
 

@@ -88,8 +88,10 @@ def submit_run_job(store: RunStore, launcher: JobLauncher, run: Run, item_count:
             error_code="JOB_SUBMISSION_FAILED",
             error_message="the processing job could not be started; submit the run again",
         )
+        store.forget_launch(run.run_id)
         raise
     store.set_job_id(run.run_id, job_id)
+    store.forget_launch(run.run_id)
     return job_id
 
 

@@ -1,6 +1,9 @@
 """Run deadlines: a run still unfinished at its ``scheduling.deadline`` is cancelled by the system.
 
-Two mechanisms, both needed, neither needing a table scan:
+The same sweep also ends runs that never got a job (``close_unlaunched_runs``: the request that
+created one was cut short before it submitted the job).
+
+Two mechanisms for deadlines, both needed, neither needing a table scan:
 
 - the **sweep** (``cancel_overdue_runs``) finds runs whose deadline has passed through their deadline
   records (a sparse gsi1 partition, see ``RunStore.due_deadlines``) and cancels the open ones like a
@@ -15,10 +18,10 @@ Two mechanisms, both needed, neither needing a table scan:
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from slidebridge.errors import IllegalTransitionError, NotFoundError
-from slidebridge.jobs import cancel_run
+from slidebridge.jobs import cancel_run, close_failed_job
 from slidebridge.launcher import JobLauncher
 from slidebridge.runs import Run, RunState, RunTerminationReason, utcnow
 from slidebridge.settings import Settings
@@ -80,6 +83,36 @@ def cancel_overdue_runs(
                 continue
         store.forget_deadline(run_id)
     return cancelled
+
+
+NEVER_STARTED_REASON = "it was never started (the request that created the run was cut short); submit the run again"
+
+
+def close_unlaunched_runs(store: RunStore, settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """End the runs that have had no job for ``settings.launch_grace_s`` since their submission.
+
+    Their open items end SYSTEM_ERROR ``JOB_FAILED`` and the vendor is told, as for a job that died
+    (``close_failed_job``); returns their ids. Launch records of runs that did get their job, or
+    ended, are removed. A failure is logged and keeps the record for the next sweep.
+    """
+    submitted_before = (now or utcnow()) - timedelta(seconds=settings.launch_grace_s)
+    closed: list[str] = []
+    for run_id in list(store.due_launches(submitted_before)):
+        try:
+            run = store.get_run(run_id)
+        except NotFoundError:
+            store.forget_launch(run_id)
+            continue
+        if run.job_id is None and run.state is not RunState.TERMINATED:
+            try:
+                close_failed_job(store, settings, run_id, indices=None, reason=NEVER_STARTED_REASON)
+            except Exception:
+                logger.exception("could not close run %s, which never got a job; the next sweep tries again", run_id)
+                continue
+            logger.error("run %s never got a job (its creating request was cut short): closed", run_id)
+            closed.append(run_id)
+        store.forget_launch(run_id)
+    return closed
 
 
 def end_if_overdue(store: RunStore, run_id: str, *, now: datetime | None = None) -> Run | None:

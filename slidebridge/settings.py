@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # How often the local stack looks for runs past their deadline (in AWS an EventBridge schedule
     # calls the scheduler Lambda instead; the job also checks before each item).
     deadline_sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    # A run still without a job this long after its submission was left by a request that was cut
+    # short (a Lambda timeout while Batch hung): the same sweep ends it SYSTEM_ERROR and tells the
+    # vendor. Far longer than any API Lambda may run.
+    launch_grace_s: int = Field(default=600, ge=60)
 
     # --- application -------------------------------------------------------------------------
     default_application_id: str = "he-tissue"

@@ -152,6 +152,7 @@ def _iso(value: datetime) -> str:
 
 
 _DEADLINES_PARTITION = "DEADLINES"
+_LAUNCHES_PARTITION = "LAUNCHES"
 
 
 def _sortable_time(value: datetime) -> str:
@@ -166,11 +167,19 @@ def _alias_record(key: str, run_id: str) -> dict[str, Any]:
 
 
 def _deadline_record(run_id: str, deadline: datetime) -> dict[str, Any]:
+    return _timed_record(run_id, "DEADLINE", _DEADLINES_PARTITION, deadline)
+
+
+def _launch_record(run_id: str, submitted_at: datetime) -> dict[str, Any]:
+    return _timed_record(run_id, "LAUNCH", _LAUNCHES_PARTITION, submitted_at)
+
+
+def _timed_record(run_id: str, sk: str, partition: str, when: datetime) -> dict[str, Any]:
     return {
         "pk": {"S": f"RUN#{run_id}"},
-        "sk": {"S": "DEADLINE"},
-        "gsi1pk": {"S": _DEADLINES_PARTITION},
-        "gsi1sk": {"S": f"{_sortable_time(deadline)}#{run_id}"},
+        "sk": {"S": sk},
+        "gsi1pk": {"S": partition},
+        "gsi1sk": {"S": f"{_sortable_time(when)}#{run_id}"},
         "run_id": {"S": run_id},
     }
 
@@ -285,6 +294,17 @@ class RunStore:
                     }
                 }
             )
+        # Every run waits for its job from here on: the record goes when the job id is recorded, and
+        # a sweep ends runs whose creator was cut short before that (see due_launches).
+        puts.append(
+            {
+                "Put": {
+                    "TableName": self.table_name,
+                    "Item": _launch_record(run.run_id, run.submitted_at),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+        )
         if run.scheduling is not None and run.scheduling.deadline is not None:
             puts.append(
                 {
@@ -813,13 +833,16 @@ class RunStore:
 
     def due_deadlines(self, now: datetime) -> Iterator[str]:
         """The ids of runs whose deadline is at or before ``now`` and whose record the sweep has not removed."""
+        return self._due(_DEADLINES_PARTITION, now)
+
+    def _due(self, partition: str, now: datetime) -> Iterator[str]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": "gsi1",
-            # "<deadline>#<id>" < "<now>$" exactly when deadline <= now ("$" sorts right after "#").
+            # "<time>#<id>" < "<now>$" exactly when time <= now ("$" sorts right after "#").
             "KeyConditionExpression": "gsi1pk = :pk AND gsi1sk < :bound",
             "ExpressionAttributeValues": {
-                ":pk": {"S": _DEADLINES_PARTITION},
+                ":pk": {"S": partition},
                 ":bound": {"S": f"{_sortable_time(now)}$"},
             },
         }
@@ -834,6 +857,22 @@ class RunStore:
     def forget_deadline(self, run_id: str) -> None:
         """Remove a run's deadline record (its run has ended, or was cancelled for it)."""
         self.client.delete_item(TableName=self.table_name, Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": "DEADLINE"}})
+
+    # --- launches -----------------------------------------------------------------------------
+    #
+    # Every run is created with a launch record (pk ``RUN#<id>``, sk ``LAUNCH``, gsi1 ``LAUNCHES`` /
+    # ``<submitted_at>#<id>``), removed once its job id is recorded. A Lambda that is cut short
+    # between the two (its timeout while Batch hangs, a crash) would leave the run PENDING without a
+    # job for good; the records still there some minutes after submission are exactly those runs
+    # (and a few whose record outlived a recorded job id), found with one bounded gsi1 Query.
+
+    def due_launches(self, submitted_before: datetime) -> Iterator[str]:
+        """The ids of runs submitted at or before ``submitted_before`` whose launch record is still there."""
+        return self._due(_LAUNCHES_PARTITION, submitted_before)
+
+    def forget_launch(self, run_id: str) -> None:
+        """Remove a run's launch record (its job id is recorded, or the run has ended)."""
+        self.client.delete_item(TableName=self.table_name, Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": "LAUNCH"}})
 
     # --- listing ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""``scheduler`` Lambda: an EventBridge schedule (``rate(5 minutes)``) → cancel the runs past their deadline.
+"""``scheduler`` Lambda: an EventBridge schedule (``rate(5 minutes)``) → cancel the runs past their deadline,
+and close the runs that never got a job (``slidebridge.scheduling.close_unlaunched_runs``).
 
 The event's content is not used: each invocation sweeps every deadline that has passed by now
 (``slidebridge.scheduling.cancel_overdue_runs``), so a missed or doubled invocation changes nothing
@@ -14,7 +15,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.api.deps import run_store
 from slidebridge.launcher import launcher_from_settings
-from slidebridge.scheduling import cancel_overdue_runs
+from slidebridge.scheduling import cancel_overdue_runs, close_unlaunched_runs
 from slidebridge.settings import get_settings
 
 logger = Logger(service="slidebridge")
@@ -26,4 +27,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     cancelled = cancel_overdue_runs(run_store(), launcher_from_settings(settings), settings=settings)
     if cancelled:
         logger.info("cancelled overdue runs", extra={"run_ids": [run.run_id for run in cancelled]})
-    return {"cancelled": len(cancelled)}
+    never_started = close_unlaunched_runs(run_store(), settings)
+    if never_started:
+        logger.error("closed runs that never got a job", extra={"run_ids": never_started})
+    return {"cancelled": len(cancelled), "never_started": len(never_started)}

@@ -35,7 +35,7 @@ from slidebridge.runs import (
     RunTerminationReason,
     Scheduling,
 )
-from slidebridge.scheduling import DEADLINE_ERROR_CODE, cancel_overdue_runs
+from slidebridge.scheduling import DEADLINE_ERROR_CODE, cancel_overdue_runs, close_unlaunched_runs
 from slidebridge.settings import get_settings
 from slidebridge.store import RunStore
 from tests.apigw import LambdaContext
@@ -602,11 +602,66 @@ def test_one_run_failing_to_cancel_does_not_stop_the_sweep(store: RunStore) -> N
 def test_the_scheduler_lambda_cancels_overdue_runs(api: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
     deadline = datetime.now(UTC) + timedelta(minutes=10)
     run_id = create_run(scheduling={"deadline": deadline.isoformat()})
-    assert scheduler_handler({"source": "aws.events"}, LambdaContext()) == {"cancelled": 0}  # type: ignore[arg-type]
+    idle = {"cancelled": 0, "never_started": 0}
+    assert scheduler_handler({"source": "aws.events"}, LambdaContext()) == idle  # type: ignore[arg-type]
     monkeypatch.setattr("slidebridge.scheduling.utcnow", lambda: deadline + timedelta(seconds=1))
-    assert scheduler_handler({"source": "aws.events"}, LambdaContext()) == {"cancelled": 1}  # type: ignore[arg-type]
+    assert scheduler_handler({"source": "aws.events"}, LambdaContext()) == {  # type: ignore[arg-type]
+        "cancelled": 1,
+        "never_started": 0,  # its job was submitted: the run is not one left without a job
+    }
     _, _, run = call("GET", f"/api/v1/runs/{run_id}")
     assert (run["termination_reason"], run["error_code"]) == ("CANCELED_BY_SYSTEM", DEADLINE_ERROR_CODE)
+
+
+# --- runs that never got a job -------------------------------------------------------------------
+
+
+def _unlaunched_run(store: RunStore, *, submitted_at: datetime, items: int = 2) -> Run:
+    """A run as left by a request cut short between recording it and submitting its job."""
+    run = Run(
+        application_id="he-tissue",
+        version_number="1.0.0",
+        organization_id="org-a",
+        submitted_by="user-1",
+        submitted_at=submitted_at,
+    )
+    return store.create_run(run, [Item(run_id=run.run_id, index=i, external_id=f"s{i}.svs") for i in range(items)])
+
+
+def test_the_sweep_closes_runs_left_without_a_job_and_tells_why(
+    store: RunStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime.now(UTC)
+    settings = get_settings()
+    grace = timedelta(seconds=settings.launch_grace_s)
+    stranded = _unlaunched_run(store, submitted_at=now - grace - timedelta(minutes=1))
+    recent = _unlaunched_run(store, submitted_at=now - timedelta(minutes=1))  # its request may still run
+    launched = stored_run(store, deadline=None)  # job id recorded (its launch record outlived it)
+
+    def no_scans(**_: Any) -> None:
+        raise AssertionError("the sweep must not scan the table")
+
+    monkeypatch.setattr(store.client, "scan", no_scans)
+    later = now + grace + timedelta(minutes=1)
+    assert close_unlaunched_runs(store, settings, now=now) == [stranded.run_id]
+
+    run = store.get_run(stranded.run_id)
+    assert (run.state, run.termination_reason) == (RunState.TERMINATED, RunTerminationReason.ALL_ITEMS_PROCESSED)
+    items = store.list_items(stranded.run_id)
+    assert {(i.termination_reason, i.error_code) for i in items} == {(ItemTerminationReason.SYSTEM_ERROR, "JOB_FAILED")}
+    assert all(i.error_message is not None and "never started" in i.error_message for i in items)
+    # The others: too recent to judge, or fine; the run with a job keeps going.
+    assert store.get_run(recent.run_id).state is RunState.PENDING
+    assert store.get_run(launched.run_id).state is RunState.PENDING
+    assert close_unlaunched_runs(store, settings, now=now) == []  # handled records are gone
+    assert close_unlaunched_runs(store, settings, now=later) == [recent.run_id]
+    assert list(store.due_launches(later)) == []
+
+
+def test_a_submitted_job_removes_the_launch_record(api: RunStore) -> None:
+    run_id = create_run()
+    assert api.get_run(run_id).job_id is not None
+    assert list(api.due_launches(datetime.now(UTC) + timedelta(days=1))) == []
 
 
 def test_the_job_itself_ends_a_run_whose_deadline_passed_in_the_queue(

@@ -24,6 +24,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from lambdas.job_events.handler import handler as job_events_handler
 from slidebridge.errors import SectraUnavailableError
 from slidebridge.outbound import OutboundPolicy
 from slidebridge.runs import ItemState, ItemTerminationReason, Run, RunState, RunTerminationReason, utcnow
+from slidebridge.scheduling import close_unlaunched_runs
 from slidebridge.settings import Settings, get_settings
 from slidebridge.store import TTL_ATTRIBUTE, RunStore
 from slidebridge.vendors.sectra import (
@@ -988,3 +990,40 @@ def test_cancelling_a_finished_run_changes_nothing_and_keeps_no_new_token(
     assert store.get_run(run_id).termination_reason is RunTerminationReason.ALL_ITEMS_PROCESSED
     assert store.get_credential(run_id, CALLBACK_TOKEN) == TOKEN  # the newer bearer token was not stored
     assert launcher.cancelled == []
+
+
+def test_a_create_cut_short_before_its_job_is_closed_by_the_sweep_and_the_viewer_told(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    store: RunStore,
+    settings: Settings,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a create whose Lambda is killed (its timeout) after the run was recorded, before its job
+    class LambdaTimeout(BaseException):
+        """What the runtime's kill looks like to our code: nothing of it can be caught."""
+
+    def killed(*args: object, **kwargs: object) -> str:
+        raise LambdaTimeout
+
+    monkeypatch.setattr("slidebridge.vendors.sectra_service.submit_run_job", killed)
+    slide_id = _add_slide(mock, None)
+    token = uuid.uuid4().hex
+    with pytest.raises(LambdaTimeout):
+        service.create(_invocation(slide_id, proxy, token))
+    run_id = store.find_idempotent_run(SectraService.idempotency_key(APP, slide_id, token))
+    assert run_id is not None
+    assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis queued"]
+
+    # When the scheduler's sweep runs after the grace period
+    later = utcnow() + timedelta(seconds=settings.launch_grace_s + 60)
+    assert close_unlaunched_runs(store, settings, now=later) == [run_id]
+
+    # Then the run is closed and the pathologist no longer sees "queued" for ever
+    assert store.get_run(run_id).state is RunState.TERMINATED
+    assert store.get_item(run_id, 0).termination_reason is ItemTerminationReason.SYSTEM_ERROR
+    [shown] = _stored(mock, slide_id)
+    assert shown["displayResult"].startswith("Analysis failed")
+    assert launcher.submitted == []
