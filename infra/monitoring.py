@@ -33,6 +33,8 @@ PERIOD = cdk.Duration.minutes(5)
 JOB_METRICS_HANDLER = "lambdas.job_metrics.handler.handler"
 # Lines of the job's log that the job_metrics function reads (lambdas.job_metrics.handler.SUBSCRIPTION_TERMS).
 JOB_LOG_TERMS = ("item metrics", "item failed", "transient failure")
+# The scheduler's log message when it closed runs that never got a job (lambdas/scheduler/handler.py).
+NEVER_STARTED_LOG_MESSAGE = "closed runs that never got a job"
 # The job's processing stages, as batch_job/pipeline.py times them ("<Stage>Seconds" metrics).
 JOB_STAGES = ("download", "open", "analyse", "artifacts", "delivery")
 # "analyse" split further (batch_job/analyze.py AnalysisTimings; "Analyse<Stage>Seconds" metrics).
@@ -142,6 +144,18 @@ class Monitoring(Construct):
         dead_letters = job_events.dead_letter_queue.metric_approximate_number_of_messages_visible(
             period=PERIOD, statistic="Maximum"
         )
+        # Runs the scheduler found without a job (their creating request was cut short): each one is
+        # a pathologist or a Platform API user whose request went nowhere.
+        never_started_filter = logs.MetricFilter(
+            self,
+            "RunsNeverStartedFilter",
+            log_group=deadline_sweep.function.log_group,
+            filter_pattern=logs.FilterPattern.string_value("$.message", "=", NEVER_STARTED_LOG_MESSAGE),
+            metric_namespace=METRICS_NAMESPACE,
+            metric_name="RunsNeverStarted",
+            metric_value="1",
+        )
+        never_started = never_started_filter.metric(statistic="Sum", period=PERIOD, label="runs that never got a job")
         oldest_queued = custom("OldestQueuedJobAgeSeconds", "Maximum", "oldest queued job (s)")
         queued = custom("QueuedJobs", "Maximum", "queued jobs")
 
@@ -155,6 +169,7 @@ class Monitoring(Construct):
             ("DeadLetters", dead_letters, "Job events wait in the dead-letter queue: runs may be stuck."),
             ("JobMetricsFunctionErrors", job_metrics_errors, "The job_metrics Lambda function raised errors."),
             ("SchedulerFunctionErrors", scheduler_errors, "The scheduler (deadline sweep) Lambda raised errors."),
+            ("RunsNeverStarted", never_started, "Runs got no job (their request was cut short); they were closed."),
             (
                 "OldestQueuedJob",
                 oldest_queued,
@@ -207,7 +222,7 @@ class Monitoring(Construct):
             ),
         )
         self.dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Failed jobs", left=[failed_jobs, undelivered], width=8),
+            cloudwatch.GraphWidget(title="Failed jobs", left=[failed_jobs, undelivered, never_started], width=8),
             cloudwatch.GraphWidget(title="Queue backlog", left=[queued], right=[oldest_queued], width=8),
             cloudwatch.GraphWidget(title="Dead letters", left=[dead_letters], width=8),
         )

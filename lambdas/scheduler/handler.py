@@ -29,5 +29,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         logger.info("cancelled overdue runs", extra={"run_ids": [run.run_id for run in cancelled]})
     never_started = close_unlaunched_runs(run_store(), settings)
     if never_started:
+        # The monitoring stack's RunsNeverStarted alarm matches this message exactly.
         logger.error("closed runs that never got a job", extra={"run_ids": never_started})
     return {"cancelled": len(cancelled), "never_started": len(never_started)}

@@ -147,3 +147,21 @@ def test_dashboard_analysis_stages_are_the_ones_the_job_reports() -> None:
     from infra.monitoring import ANALYSE_STAGES  # noqa: PLC0415
 
     assert tuple(AnalysisTimings().seconds()) == ANALYSE_STAGES
+
+
+def test_runs_that_never_got_a_job_raise_an_alarm_from_the_scheduler_log(synth: Synthesized) -> None:
+    from infra.monitoring import NEVER_STARTED_LOG_MESSAGE  # noqa: PLC0415
+
+    [(_, metric_filter)] = [
+        (k, v)
+        for k, v in synth.of_type("AWS::Logs::MetricFilter").items()
+        if v["Properties"]["MetricTransformations"][0]["MetricName"] == "RunsNeverStarted"
+    ]
+    props = metric_filter["Properties"]
+    assert props["FilterPattern"] == f'{{ $.message = "{NEVER_STARTED_LOG_MESSAGE}" }}'
+    sweep_logs = synth.stack.deadline_sweep.function.log_group
+    assert props["LogGroupName"] == {"Ref": synth.logical_id(sweep_logs)}
+    alarm = _alarm(synth, "RunsNeverStarted")
+    (query,) = alarm["Metrics"]
+    assert query["MetricStat"]["Metric"]["MetricName"] == "RunsNeverStarted"
+    assert alarm["Threshold"] == 1

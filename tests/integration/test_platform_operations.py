@@ -658,6 +658,24 @@ def test_the_sweep_closes_runs_left_without_a_job_and_tells_why(
     assert list(store.due_launches(later)) == []
 
 
+def test_the_scheduler_lambda_closes_them_and_logs_what_the_alarm_matches(
+    api: RunStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from infra.monitoring import NEVER_STARTED_LOG_MESSAGE  # noqa: PLC0415 - the alarm's side of the contract
+
+    stranded = _unlaunched_run(api, submitted_at=datetime.now(UTC))
+    later = datetime.now(UTC) + timedelta(seconds=get_settings().launch_grace_s + 1)
+    monkeypatch.setattr("slidebridge.scheduling.utcnow", lambda: later)
+    assert scheduler_handler({"source": "aws.events"}, LambdaContext()) == {  # type: ignore[arg-type]
+        "cancelled": 0,
+        "never_started": 1,
+    }
+    # Powertools writes record.getMessage() as the JSON line's "message", which the metric filter matches.
+    [logged] = [r for r in caplog.records if r.getMessage() == NEVER_STARTED_LOG_MESSAGE]
+    assert logged.levelname == "ERROR"
+    assert logged.run_ids == [stranded.run_id]
+
+
 def test_a_submitted_job_removes_the_launch_record(api: RunStore) -> None:
     run_id = create_run()
     assert api.get_run(run_id).job_id is not None
