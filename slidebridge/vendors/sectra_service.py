@@ -326,11 +326,23 @@ class SectraService:
     # --- image notification -------------------------------------------------------------------
 
     def image_notification(self, notification: ImageNotification) -> dict[str, Any]:
-        """New slide imported: start a whole-slide run only when the registration enables auto-run."""
+        """New slide imported: start a whole-slide run only when the registration enables auto-run.
+
+        Sectra notifies every imported slide, whatever its stain. With ``autoRunStains`` in the
+        registration context (e.g. ``["H&E"]``) only slides whose ``imageInfo.staining`` is one of
+        them are analysed (compared without case, spaces or punctuation: "H & E" is "H&E"); a slide
+        whose stain is not given is then left alone too.
+        """
         # Sectra echoes the registration context; where it does not, ours is the one registered.
         context = notification.context or self.registration_context()
         if context.get("autoRun") is not True:
             return {}
+        stains = context.get("autoRunStains")
+        if isinstance(stains, list):
+            stain = notification.imageInfo.staining_name if notification.imageInfo else None
+            if stain is None or _stain_key(stain) not in {_stain_key(str(s)) for s in stains}:
+                logger.info("image notification: stain %r is not among autoRunStains; not analysed", stain)
+                return {}
         invocation = Invocation.model_validate(
             {
                 "action": "create",
@@ -347,3 +359,8 @@ class SectraService:
         )
         self.create(invocation)
         return {}
+
+
+def _stain_key(name: str) -> str:
+    """A stain name as compared: lower case, letters and digits only ("H & E", "h&e" → "he")."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())

@@ -45,6 +45,7 @@ from slidebridge.scheduling import close_unlaunched_runs
 from slidebridge.settings import Settings, get_settings
 from slidebridge.store import TTL_ATTRIBUTE, RunStore
 from slidebridge.vendors.sectra import (
+    ImageNotification,
     Invocation,
     PrimitiveItem,
     PrimitiveResult,
@@ -1027,3 +1028,41 @@ def test_a_create_cut_short_before_its_job_is_closed_by_the_sweep_and_the_viewer
     [shown] = _stored(mock, slide_id)
     assert shown["displayResult"].startswith("Analysis failed")
     assert launcher.submitted == []
+
+
+# =================================================================================================
+# 11. Image notifications: auto-run only for the stains the classifier is for
+# =================================================================================================
+
+
+def _notification(mock: MockSectraServer, proxy: SectraProxy, slide_id: str, stain: str | None) -> ImageNotification:
+    info = mock._get_or_create_slide(slide_id).model_dump(mode="json")
+    info["staining"] = {"displayName": stain} if stain is not None else None
+    return ImageNotification.model_validate(
+        {
+            "applicationId": APP,
+            "slideId": slide_id,
+            "callbackInfo": {"url": proxy.url, "token": TOKEN},
+            "context": {"autoRun": True, "autoRunStains": ["H&E"]},
+            "imageInfo": info,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("stain", "analysed"),
+    [("H&E", True), ("h & e", True), ("HE", True), ("PAS", False), ("Ki-67", False), (None, False)],
+)
+def test_auto_run_analyses_only_the_listed_stains(
+    service: SectraService,
+    launcher: RecordingLauncher,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
+    stain: str | None,
+    analysed: bool,
+) -> None:
+    slide_id = _add_slide(mock, None)
+    assert service.image_notification(_notification(mock, proxy, slide_id, stain)) == {}
+    assert len(launcher.submitted) == (1 if analysed else 0)
+    # An IHC slide gets no GPU job and no result in the viewer.
+    assert len(_stored(mock, slide_id)) == (1 if analysed else 0)
