@@ -66,6 +66,32 @@ def stalled_download_url() -> Iterator[str]:
         server.close()  # resets the job's connection: it fails fast and finds its run cancelled
 
 
+def _submit_stalled_run(client: httpx.Client, download_url: str, external_id: str) -> str:
+    """A one-slide Platform run whose job will wait in the download; its run id."""
+    submitted = client.post(
+        "/api/v1/runs",
+        json={
+            "application_id": "he-tissue",
+            "version_number": "1.0.0",
+            "items": [
+                {
+                    "external_id": external_id,
+                    "input_artifacts": [
+                        {
+                            "name": "whole_slide_image",
+                            "download_url": download_url,
+                            "metadata": {"checksum_base64_crc32c": "AAAAAA=="},
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+    assert submitted.status_code == 201, submitted.text
+    run_id: str = submitted.json()["run_id"]
+    return run_id
+
+
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -89,27 +115,7 @@ def test_operator_token_lifecycle_and_runs_against_the_local_stack(
 
     with api(local_stack.url, token) as client:
         assert client.get("/api/v1/applications").status_code == 200
-        submitted = client.post(
-            "/api/v1/runs",
-            json={
-                "application_id": "he-tissue",
-                "version_number": "1.0.0",
-                "items": [
-                    {
-                        "external_id": "cli-e2e-slide",
-                        "input_artifacts": [
-                            {
-                                "name": "whole_slide_image",
-                                "download_url": stalled_download_url,
-                                "metadata": {"checksum_base64_crc32c": "AAAAAA=="},
-                            }
-                        ],
-                    }
-                ],
-            },
-        )
-        assert submitted.status_code == 201, submitted.text
-        run_id = submitted.json()["run_id"]
+        run_id = _submit_stalled_run(client, stalled_download_url, "cli-e2e-slide")
     # The stack's own token belongs to another organisation: it cannot see this run.
     with api(local_stack.url, api_token) as other:
         assert other.get(f"/api/v1/runs/{run_id}").status_code == 404
@@ -166,27 +172,7 @@ def test_a_job_stopped_by_a_cancel_removes_its_scratch_copy_of_the_slide(
 ) -> None:
     # Given a run whose job is inside the download, its scratch folder open
     with api(local_stack.url, api_token) as client:
-        submitted = client.post(
-            "/api/v1/runs",
-            json={
-                "application_id": "he-tissue",
-                "version_number": "1.0.0",
-                "items": [
-                    {
-                        "external_id": "scratch-e2e-slide",
-                        "input_artifacts": [
-                            {
-                                "name": "whole_slide_image",
-                                "download_url": stalled_download_url,
-                                "metadata": {"checksum_base64_crc32c": "AAAAAA=="},
-                            }
-                        ],
-                    }
-                ],
-            },
-        )
-        assert submitted.status_code == 201, submitted.text
-        run_id = submitted.json()["run_id"]
+        run_id = _submit_stalled_run(client, stalled_download_url, "scratch-e2e-slide")
         workdir = Path(local_stack.env["SLIDEBRIDGE_SCRATCH_DIR"]) / run_id / "0"
         _wait_for(workdir.exists, "the job to start downloading")
 

@@ -181,19 +181,29 @@ def _aws_error(code: str, status: int, operation: str) -> ClientError:
     )
 
 
-def test_s3_throttling_hands_the_item_back_and_the_next_attempt_succeeds(
-    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def served_run(job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path) -> Run:
+    """A run of one item whose slide the loopback server serves."""
     base, root = slide_server
     (root / "blob").write_bytes(small_tiff_slide.read_bytes())
-    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
-    upload = ArtifactStore.upload
+    return _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
 
-    def slow_down(self: ArtifactStore, *args: object, **kwargs: object) -> object:
-        raise _aws_error("SlowDown", 503, "PutObject")
 
+def _s3_answers(monkeypatch: pytest.MonkeyPatch, code: str, status: int) -> None:
+    """Every artifact upload fails with this S3 error (botocore's own retries already spent)."""
+
+    def failing(self: ArtifactStore, *args: object, **kwargs: object) -> object:
+        raise _aws_error(code, status, "PutObject")
+
+    monkeypatch.setattr(ArtifactStore, "upload", failing)
+
+
+def test_s3_throttling_hands_the_item_back_and_the_next_attempt_succeeds(
+    job_env: RunStore, served_run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, upload = served_run, ArtifactStore.upload
     # Attempt 1: S3 keeps answering SlowDown. The item is not failed: Batch tries again (exit 75).
-    monkeypatch.setattr(ArtifactStore, "upload", slow_down)
+    _s3_answers(monkeypatch, "SlowDown", 503)
     assert main([run.run_id, "--attempt", "1"]) == 75
     item = job_env.get_item(run.run_id, 0)
     assert item.state is ItemState.PENDING
@@ -206,31 +216,22 @@ def test_s3_throttling_hands_the_item_back_and_the_next_attempt_succeeds(
 
 
 def test_s3_throttling_on_the_last_attempt_ends_the_item_system_error(
-    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+    job_env: RunStore, served_run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base, root = slide_server
-    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
-    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
-
-    def slow_down(self: ArtifactStore, *args: object, **kwargs: object) -> object:
-        raise _aws_error("SlowDown", 503, "PutObject")
-
-    monkeypatch.setattr(ArtifactStore, "upload", slow_down)
-    assert main([run.run_id, "--attempt", "3"]) == 3
-    item = job_env.get_item(run.run_id, 0)
+    _s3_answers(monkeypatch, "SlowDown", 503)
+    assert main([served_run.run_id, "--attempt", "3"]) == 3
+    item = job_env.get_item(served_run.run_id, 0)
     assert item.termination_reason is ItemTerminationReason.SYSTEM_ERROR
     assert item.error_code == "RETRIES_EXHAUSTED"
     assert item.error_message is not None and "SlowDown" in item.error_message
 
 
 def test_dynamodb_throttled_when_the_finished_item_is_closed_is_retried_not_failed(
-    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+    job_env: RunStore, served_run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The result is out (artifacts stored, vendor told); only the item's closing write is throttled.
     # Exit 1 would make Batch give up and job_events write "Analysis failed" over the delivered result.
-    base, root = slide_server
-    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
-    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
+    run = served_run
     transition_item = RunStore.transition_item
 
     def throttled_close(self: RunStore, run_id: str, index: int, state: ItemState, **kwargs: object) -> object:
@@ -248,17 +249,10 @@ def test_dynamodb_throttled_when_the_finished_item_is_closed_is_retried_not_fail
 
 
 def test_an_aws_error_that_is_not_transient_still_fails_the_item(
-    job_env: RunStore, slide_server: tuple[str, Path], small_tiff_slide: Path, monkeypatch: pytest.MonkeyPatch
+    job_env: RunStore, served_run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base, root = slide_server
-    (root / "blob").write_bytes(small_tiff_slide.read_bytes())
-    run = _submit(job_env, [(f"{base}/blob", crc32c_b64_of_file(small_tiff_slide))])
-
-    def denied(self: ArtifactStore, *args: object, **kwargs: object) -> object:
-        raise _aws_error("AccessDenied", 403, "PutObject")
-
-    monkeypatch.setattr(ArtifactStore, "upload", denied)
-    assert main([run.run_id, "--attempt", "1"]) == 3
-    item = job_env.get_item(run.run_id, 0)
+    _s3_answers(monkeypatch, "AccessDenied", 403)
+    assert main([served_run.run_id, "--attempt", "1"]) == 3
+    item = job_env.get_item(served_run.run_id, 0)
     assert item.termination_reason is ItemTerminationReason.SYSTEM_ERROR
     assert item.error_code == "INTERNAL_ERROR"

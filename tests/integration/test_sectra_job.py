@@ -848,12 +848,13 @@ def _outlines_result(slide_id: str, points: int) -> ResultPayload:
 
 
 def test_final_result_larger_than_a_dynamodb_item_is_kept_and_a_repeated_create_gets_it_whole(
-    settings: Settings, store: RunStore, proxy: SectraProxy, mock: MockSectraServer
+    service: SectraService,
+    launcher: RecordingLauncher,
+    settings: Settings,
+    store: RunStore,
+    proxy: SectraProxy,
+    mock: MockSectraServer,
 ) -> None:
-    launcher = RecordingLauncher()
-    service = SectraService(
-        settings, store, launcher, OutboundPolicy.from_settings(settings), feedback_writer=lambda o, n, d: None
-    )
     slide_id = _add_slide(mock, None)
     invocation = _invocation(slide_id, proxy, uuid.uuid4().hex)
     service.create(invocation)
@@ -899,6 +900,17 @@ def _cancel_invocation(slide_id: str, proxy: SectraProxy, cancellation_token: st
     )
 
 
+def _started(
+    service: SectraService, launcher: RecordingLauncher, proxy: SectraProxy, mock: MockSectraServer
+) -> tuple[str, str, str]:
+    """A create on a fresh slide: (slide id, cancellation token, run id)."""
+    slide_id = _add_slide(mock, None)
+    cancellation_token = uuid.uuid4().hex
+    service.create(_invocation(slide_id, proxy, cancellation_token))
+    [(run_id, _)] = launcher.submitted
+    return slide_id, cancellation_token, run_id
+
+
 def _token_expiry(store: RunStore, run_id: str) -> int | None:
     record = store.client.get_item(
         TableName=store.table_name, Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"CRED#{CALLBACK_TOKEN}"}}
@@ -917,10 +929,7 @@ def test_a_job_still_running_after_a_cancel_does_not_write_over_analysis_cancell
     mock: MockSectraServer,
 ) -> None:
     # Given a job that started before the pathologist cancelled (Batch stops it only seconds later)
-    slide_id = _add_slide(mock, None)
-    cancellation_token = uuid.uuid4().hex
-    service.create(_invocation(slide_id, proxy, cancellation_token))
-    [(run_id, _)] = launcher.submitted
+    slide_id, cancellation_token, run_id = _started(service, launcher, proxy, mock)
     destination = SectraDestination(store.get_run(run_id), store, settings, OutboundPolicy.from_settings(settings))
     service.cancel(_cancel_invocation(slide_id, proxy, cancellation_token))
     assert [r["displayResult"] for r in _stored(mock, slide_id)] == ["Analysis cancelled"]
@@ -943,10 +952,7 @@ def test_a_cancel_whose_message_failed_writes_it_when_sectra_repeats_it_and_only
     proxy: SectraProxy,
     mock: MockSectraServer,
 ) -> None:
-    slide_id = _add_slide(mock, None)
-    cancellation_token = uuid.uuid4().hex
-    service.create(_invocation(slide_id, proxy, cancellation_token))
-    [(run_id, _)] = launcher.submitted
+    slide_id, cancellation_token, run_id = _started(service, launcher, proxy, mock)
 
     # Sectra is briefly unavailable: the run is cancelled, but the message cannot be written.
     proxy.faults.append(Fault("PUT", count=2))
@@ -977,10 +983,7 @@ def test_cancelling_a_finished_run_changes_nothing_and_keeps_no_new_token(
     proxy: SectraProxy,
     mock: MockSectraServer,
 ) -> None:
-    slide_id = _add_slide(mock, None)
-    cancellation_token = uuid.uuid4().hex
-    service.create(_invocation(slide_id, proxy, cancellation_token))
-    [(run_id, _)] = launcher.submitted
+    slide_id, cancellation_token, run_id = _started(service, launcher, proxy, mock)
     store.transition_item(run_id, 0, ItemState.PROCESSING)
     store.transition_item(run_id, 0, ItemState.TERMINATED, reason=ItemTerminationReason.SUCCEEDED)
     writes = len(proxy.writes())
