@@ -81,7 +81,7 @@ def requirements_digest(root: Path = REPO_ROOT) -> str:
 
 # --- the lock ------------------------------------------------------------------------------------
 
-_LOCK_SOURCE = re.compile(r"^# from lambdas/requirements\.txt sha256:([0-9a-f]{64})$", re.MULTILINE)
+_LOCK_SOURCE = re.compile(rf"^# from {re.escape(REQUIREMENTS.as_posix())} sha256:([0-9a-f]{{64}})$", re.MULTILINE)
 _LOCK_HINT = "run `.venv/bin/python -m infra.bundle --lock` (needs PyPI) and commit lambdas/requirements.lock"
 
 
@@ -94,7 +94,7 @@ def lock_text(report: dict[str, Any], requirements_sha256: str) -> str:
     lines = [
         "# Every package of the Lambda bundle, for " + " ".join(PIP_PLATFORM_ARGS[:6]) + ", with its wheel's hash.",
         "# Written by `python -m infra.bundle --lock`; do not edit (change lambdas/requirements.txt and re-lock).",
-        f"# from lambdas/requirements.txt sha256:{requirements_sha256}",
+        f"# from {REQUIREMENTS.as_posix()} sha256:{requirements_sha256}",
     ]
     pins = []
     for entry in report["install"]:

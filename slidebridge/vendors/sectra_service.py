@@ -264,13 +264,11 @@ class SectraService:
         run = self._find_run(invocation)
         if run is None:
             return []
-        stopped = self._stop(run, "cancelled in Sectra")
-        run = self.store.get_run(run.run_id)
-        shown = run.vendor_context.get("stored_result", {}).get("displayResult")
-        if not stopped and (
-            run.termination_reason is not RunTerminationReason.CANCELED_BY_USER or shown == CANCELLED_TEXT
-        ):
-            return []
+        # ``run`` was read just now: when this cancel does not stop it, it shows how the run ended.
+        if not self._stop(run, "cancelled in Sectra"):
+            shown = run.vendor_context.get("stored_result", {}).get("displayResult")
+            if run.termination_reason is not RunTerminationReason.CANCELED_BY_USER or shown == CANCELLED_TEXT:
+                return []
         # The cancel carries a fresh callback token: the message is written with it, and it expires
         # like every credential of an ended run.
         self.store.put_credential(
